@@ -1,0 +1,1 @@
+"""Export of the fused latency predictor (TorchScript, ONNX) and runtime helpers."""

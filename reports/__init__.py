@@ -1,0 +1,1 @@
+"""Metrics, per-configuration tables, plots and evaluation JSON."""

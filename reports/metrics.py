@@ -1,0 +1,52 @@
+"""Regression metrics of latency predictions, with the original tools' relative error."""
+
+from __future__ import annotations
+
+import math
+from typing import TypedDict
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+class RegressionMetrics(TypedDict):
+    n: int
+    mae_ms: float
+    rmse_ms: float
+    mape_pct: float
+    r2: float
+    rel_error_pct: float
+
+
+def regression_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> RegressionMetrics:
+    """MAE, RMSE, MAPE (over targets > 0), R² and relative error (MAE / mean target).
+
+    Empty input gives n = 0 and NaN metrics rather than an exception, so a report over a
+    subset that happens to be empty still renders.
+    """
+    true = np.asarray(y_true, dtype=np.float64).ravel()
+    pred = np.asarray(y_pred, dtype=np.float64).ravel()
+    if true.shape != pred.shape:
+        raise ValueError(f"y_true has {true.size} values, y_pred {pred.size}")
+    n = int(true.size)
+    if n == 0:
+        nan = math.nan
+        return RegressionMetrics(
+            n=0, mae_ms=nan, rmse_ms=nan, mape_pct=nan, r2=nan, rel_error_pct=nan
+        )
+    error = pred - true
+    mae = float(np.mean(np.abs(error)))
+    rmse = float(np.sqrt(np.mean(error**2)))
+    positive = true > 0
+    mape = (
+        float(np.mean(np.abs(error[positive]) / true[positive]) * 100)
+        if positive.any()
+        else math.nan
+    )
+    total_ss = float(np.sum((true - true.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(error**2)) / total_ss if total_ss > 0 else math.nan
+    mean_true = float(true.mean())
+    rel_error = mae / mean_true * 100 if mean_true != 0 else math.nan
+    return RegressionMetrics(
+        n=n, mae_ms=mae, rmse_ms=rmse, mape_pct=mape, r2=r2, rel_error_pct=rel_error
+    )

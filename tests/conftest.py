@@ -1,0 +1,35 @@
+"""Shared fixtures: seeded core-exp results written by ``tests/synthetic.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic import make_samples, write_results_dir
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    """A clean results directory: 3 datasets x 27 configurations x 2 samples."""
+    root = tmp_path / "results"
+    write_results_dir(root, make_samples(n_per_config=2, seed=0))
+    return root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

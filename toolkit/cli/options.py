@@ -1,0 +1,86 @@
+"""Options shared by several commands (results selection, outlier rules, logging)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def results_selection_options(required: bool = True) -> Callable[[F], F]:
+    """``--results-dir``, ``--use-all-datasets``, ``--dataset-names``, outlier rules.
+
+    The underscore spellings of the original research scripts are accepted as aliases.
+    """
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option(
+                "--results-dir",
+                "--results_dir",
+                "results_dir",
+                type=click.Path(file_okay=False, path_type=str),
+                required=required,
+                help="Core-experiment results directory (one folder per dataset).",
+            ),
+            click.option(
+                "--use-all-datasets",
+                "--use_all_datasets",
+                "use_all_datasets",
+                is_flag=True,
+                default=False,
+                help="Use every dataset folder found under --results-dir (the default when "
+                "--dataset-names is not given).",
+            ),
+            click.option(
+                "--dataset-names",
+                "--dataset_names",
+                "dataset_names",
+                default=None,
+                help="Comma-separated dataset names to use, e.g. text_vqa,doc_qa.",
+            ),
+            click.option(
+                "--outlier-ms",
+                "--outlier_ms",
+                "outlier_ms",
+                type=float,
+                default=60.0,
+                show_default=True,
+                help="Drop samples whose decode time per pass exceeds this (ms). "
+                "60 ms suits the original H100 data; use --outlier-rel on other hardware.",
+            ),
+            click.option(
+                "--outlier-rel",
+                "--outlier_rel",
+                "outlier_rel",
+                type=float,
+                default=None,
+                help="Also drop samples whose decode time per pass exceeds this many times "
+                "the median of their configuration (e.g. 3).",
+            ),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def parse_dataset_names(dataset_names: str | None) -> list[str] | None:
+    if dataset_names is None:
+        return None
+    names = [name.strip() for name in dataset_names.split(",") if name.strip()]
+    return names or None
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines as the original tools printed them: plain messages on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        force=True,
+    )
