@@ -12,6 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import make_samples, write_results_dir
 
 
+@pytest.fixture(autouse=True)
+def _private_results_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep the loader's results cache out of the user's home during tests."""
+    monkeypatch.setenv("LATKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "latkit-cache"))
+
+
 @pytest.fixture
 def results_dir(tmp_path: Path) -> Path:
     """A clean results directory: 3 datasets x 27 configurations x 2 samples."""

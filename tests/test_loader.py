@@ -234,3 +234,31 @@ def test_missing_directory_and_nothing_usable_are_clear_errors(tmp_path: Path) -
         LatkitError, match=r"no usable samples.*could not be parsed.*unknown_tier=1"
     ):
         load_results(tmp_path)
+
+
+def test_cache_gives_the_same_frames_and_sees_changes(results_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cold = load_results(results_dir, cache=cache)
+    assert len(list((cache / "results").iterdir())) == 3  # one entry per dataset folder
+    warm = load_results(results_dir, cache=cache)
+    assert warm.samples.equals(cold.samples)
+    assert warm.steps.equals(cold.steps)
+    uncached = load_results(results_dir, cache=False)
+    assert uncached.samples.equals(cold.samples)
+
+    first = _files(results_dir)[0]
+    _edit(first, lambda d: d["per_sample_results"][0].update(tier="ultra"))
+    changed = load_results(results_dir, cache=cache)
+    assert changed.skipped == {"unknown_tier": 1}
+    first.write_text(first.read_text()[:100])
+    truncated = load_results(results_dir, cache=cache)
+    assert truncated.files_failed == [str(first)]
+    again = load_results(results_dir, cache=cache)
+    assert again.files_failed == [str(first)]
+    assert again.samples.equals(truncated.samples)
+
+
+def test_unwritable_cache_does_not_stop_a_load(results_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    assert load_results(results_dir, cache=blocker).n_samples == 162

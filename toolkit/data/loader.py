@@ -5,15 +5,22 @@ Polars in one call against an explicit schema (only the fields latkit uses). A c
 fails (truncated file, ``NaN`` literal, a string where a number belongs) is retried file
 by file, and a file Polars cannot take is read by Python's json module with per-field
 coercion, so one bad record costs that record, not its file.
+
+Parsing JSON is most of the cost of a load, and the same results directory is read by
+train, evaluate, plot and export in turn: each dataset folder's parsed frame is cached as
+Parquet (plain data, nothing in it executes) under ``default_cache_dir()``, keyed by the
+names, sizes and modification times of its files, and validation runs anew on every load.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -24,6 +31,7 @@ from typing import Any, Final
 
 import polars as pl
 
+from toolkit.atomic import atomic_directory, write_json_atomic
 from toolkit.errors import LatkitError
 from toolkit.features import TIERS
 
@@ -116,6 +124,8 @@ STEP_SCHEMA: Final[dict[str, pl.DataType]] = {
 
 _RANK_FILE = re.compile(r"^(?P<stem>.+)_rank\d+\.json(?:\.gz)?$")
 _CHUNK_FILES: Final[int] = 64
+#: Bump when the raw frame layout changes: old cache entries are then ignored.
+_CACHE_VERSION: Final[int] = 1
 #: Warn loudly when the outlier rules drop more than this fraction of valid samples.
 _OUTLIER_WARN_FRACTION: Final[float] = 0.03
 
@@ -311,16 +321,11 @@ def _read_files(
     files: list[tuple[str, Path]],
     files_failed: list[str],
     files_skipped: Counter[str],
-    progress: bool,
+    bar: Any | None,
 ) -> list[pl.DataFrame]:
     """Raw frames (one row per file) with dataset and file columns attached."""
     frames: list[pl.DataFrame] = []
     chunks = [files[i : i + _CHUNK_FILES] for i in range(0, len(files), _CHUNK_FILES)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), desc="Loading results", unit="file", file=sys.stderr)
     for chunk in chunks:
         blobs: list[bytes] = []
         readable: list[tuple[str, Path]] = []
@@ -333,7 +338,7 @@ def _read_files(
                 log.warning("Skipping unreadable file %s: %s", path, exc)
         try:
             parsed = [(_parse_chunk(blobs), readable)]
-        except Exception:
+        except Exception:  # any parse error sends the chunk to the file-by-file path
             parsed = []
             for blob, item in zip(blobs, readable, strict=True):
                 frame = _parse_one(blob, item[1], files_failed)
@@ -351,9 +356,84 @@ def _read_files(
             frames.append(frame.filter(pl.col("per_sample_results").is_not_null()))
         if bar is not None:
             bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
     return frames
+
+
+def default_cache_dir() -> Path:
+    """Where parsed results are cached: ``$LATKIT_CACHE_DIR`` or ``~/.cache/latkit``."""
+    configured = os.environ.get("LATKIT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "latkit"
+
+
+def _fingerprint(folder: Path, files: Sequence[Path], files_skipped: Counter[str]) -> str:
+    """Changes whenever a file of the folder is added, removed, resized or rewritten."""
+    digest = hashlib.sha256(f"{_CACHE_VERSION}\0{folder.resolve()}".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps(sorted(files_skipped.items())).encode())
+    return digest.hexdigest()[:32]
+
+
+def _cache_load(entry: Path) -> tuple[pl.DataFrame, list[str], dict[str, int]] | None:
+    """A cached folder (parquet: data only, nothing executes), or None if absent/unreadable."""
+    try:
+        info = json.loads((entry / "info.json").read_text())
+        frame = pl.read_parquet(entry / "raw.parquet")
+        return frame, list(info["files_failed"]), dict(info["files_skipped"])
+    except (OSError, ValueError, KeyError, pl.exceptions.PolarsError):
+        return None
+
+
+def _cache_store(
+    entry: Path, frame: pl.DataFrame, files_failed: list[str], files_skipped: Counter[str]
+) -> None:
+    try:
+        with atomic_directory(entry) as tmp:
+            frame.write_parquet(tmp / "raw.parquet", compression="lz4")
+            write_json_atomic(
+                tmp / "info.json",
+                {"files_failed": files_failed, "files_skipped": dict(files_skipped)},
+            )
+    except OSError as exc:  # a read-only or full cache disk must not stop a load
+        log.debug("Could not write the results cache %s: %s", entry, exc)
+
+
+def _read_folder(
+    dataset: _Dataset,
+    cache_dir: Path | None,
+    files_failed: list[str],
+    files_skipped: Counter[str],
+    bar: Any | None,
+) -> pl.DataFrame | None:
+    folder_skipped: Counter[str] = Counter()
+    paths = _result_files(dataset.folder, folder_skipped)
+    entry = None
+    if cache_dir is not None:
+        entry = cache_dir / "results" / _fingerprint(dataset.folder, paths, folder_skipped)
+        cached = _cache_load(entry)
+        if cached is not None:
+            frame, failed, skipped = cached
+            for path in failed:
+                log.warning("Skipping file that can't be parsed: %s (cached result)", path)
+            files_failed.extend(failed)
+            files_skipped.update(skipped)
+            if bar is not None:
+                bar.update(len(paths))
+            return frame
+    folder_failed: list[str] = []
+    frames = _read_files(
+        [(dataset.name, path) for path in paths], folder_failed, folder_skipped, bar
+    )
+    parsed = pl.concat(frames, how="vertical") if frames else None
+    if entry is not None and parsed is not None:
+        _cache_store(entry, parsed, folder_failed, folder_skipped)
+    files_failed.extend(folder_failed)
+    files_skipped.update(folder_skipped)
+    return parsed
 
 
 def _parse_one(blob: bytes, path: Path, files_failed: list[str]) -> pl.DataFrame | None:
@@ -436,6 +516,7 @@ def load_results(
     outlier_ms: float | None = 60.0,
     outlier_rel: float | None = None,
     progress: bool | None = None,
+    cache: bool | str | Path = True,
 ) -> LoadResult:
     """Read a core-experiment results directory into samples and steps frames.
 
@@ -447,6 +528,9 @@ def load_results(
         outlier_rel: also drop samples whose time per pass exceeds this many times the
             median of their configuration; None: off.
         progress: show a progress bar (default: when stderr is a terminal).
+        cache: reuse parsed folders from the results cache (True: ``default_cache_dir()``;
+            a path: that directory; False: always parse). A folder is re-read whenever
+            any of its files is added, removed, resized or rewritten.
 
     Raises:
         LatkitError: the directory is missing, a named dataset is unknown, or no usable
@@ -456,15 +540,25 @@ def load_results(
     datasets = _select_datasets(root, dataset_names, use_all_datasets)
     log.info("Found %d datasets: %s", len(datasets), ", ".join(d.name for d in datasets))
     files_skipped: Counter[str] = Counter()
-    files: list[tuple[str, Path]] = [
-        (dataset.name, path)
-        for dataset in datasets
-        for path in _result_files(dataset.folder, files_skipped)
-    ]
-    if progress is None:
-        progress = sys.stderr.isatty() and len(files) > 200
     files_failed: list[str] = []
-    raw_frames = _read_files(files, files_failed, files_skipped, progress)
+    n_candidates = sum(
+        1 for d in datasets for p in d.folder.iterdir() if p.is_file() and _is_result_name(p)
+    )
+    if progress is None:
+        progress = sys.stderr.isatty() and n_candidates > 200
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_candidates, desc="Loading results", unit="file", file=sys.stderr)
+    cache_dir = (default_cache_dir() if cache is True else Path(cache)) if cache else None
+    raw_frames = [
+        frame
+        for dataset in datasets
+        if (frame := _read_folder(dataset, cache_dir, files_failed, files_skipped, bar)) is not None
+    ]
+    if bar is not None:
+        bar.close()
     n_files = sum(frame.height for frame in raw_frames)
     skipped: Counter[str] = Counter()
     if raw_frames:
