@@ -1,0 +1,212 @@
+"""Controller-facing answers: which configurations fit a latency budget, with how much output.
+
+Everything here works with any predictor that maps ``(features [B, 5], output_tokens [B])``
+to a dict of arrays with ``prefill_ms``, ``decode_total_ms`` and the prefill quantiles
+``prefill_p50_ms`` / ``prefill_p90_ms`` / ``prefill_p95_ms``: ``HybridLatencyModel.predict``
+and ``exporters.runtime.LatencyPredictor.predict`` alike, so Python and the exported
+predictor give the same answers.
+
+The original controller's rule is the default: a configuration is feasible when its
+prefill fits ``budget x safety`` (0.8) and, when an expected output length is given,
+prefill + decode total fits the whole budget. ``bound`` picks which prefill estimate the
+rule uses: the mean, or a quantile head for a safe decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import polars as pl
+
+from toolkit.features import (
+    GRID_BLOCKS,
+    GRID_TOP_K,
+    TIER_CROP_RANGE,
+    TIERS,
+    VISION_TOKENS_PER_CROP,
+    config_name,
+    tier_index,
+)
+
+PredictFn = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+
+BOUNDS: Final[dict[str, str]] = {
+    "mean": "prefill_ms",
+    "p50": "prefill_p50_ms",
+    "p90": "prefill_p90_ms",
+    "p95": "prefill_p95_ms",
+}
+RANKINGS: Final[tuple[str, ...]] = ("fastest", "quality")
+DEFAULT_SAFETY: Final[float] = 0.8
+#: Largest output length the budget search considers.
+DEFAULT_MAX_TOKENS: Final[int] = 4096
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the knob grid."""
+
+    tier: str
+    top_k: int
+    num_active_blocks: int
+
+    @property
+    def name(self) -> str:
+        return config_name(self.tier, self.top_k, self.num_active_blocks)
+
+
+def knob_grid(
+    tiers: Sequence[str] = TIERS,
+    top_ks: Sequence[int] = GRID_TOP_K,
+    blocks: Sequence[int] = GRID_BLOCKS,
+) -> list[Config]:
+    """Every (tier, top_k, blocks) combination, in grid order."""
+    return [Config(t, k, b) for t in tiers for k in top_ks for b in blocks]
+
+
+def parse_config(name: str) -> Config:
+    """``"medium_8_12"`` -> Config("medium", 8, 12)."""
+    parts = name.strip().split("_")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"configuration {name!r} is not <tier>_<top_k>_<blocks>")
+    tier = TIERS[tier_index(parts[0])]
+    return Config(tier, int(parts[1]), int(parts[2]))
+
+
+def default_vision_tokens(tier: str) -> int:
+    """Vision tokens of a tier's typical image: (mean crops of its range + 1) x 144."""
+    low, high = TIER_CROP_RANGE[TIERS[tier_index(tier)]]
+    return round((low + high) / 2 + 1) * VISION_TOKENS_PER_CROP
+
+
+def request_features(
+    configs: Sequence[Config],
+    text_tokens: int,
+    vision_tokens: int | Mapping[str, int] | None = None,
+) -> np.ndarray:
+    """Feature rows [C, 5] of one request under each configuration.
+
+    ``vision_tokens``: one count for every tier, a ``{tier: count}`` mapping, or None for
+    each tier's typical count (``default_vision_tokens``).
+    """
+    rows = []
+    for config in configs:
+        if vision_tokens is None:
+            vision = default_vision_tokens(config.tier)
+        elif isinstance(vision_tokens, Mapping):
+            vision = int(vision_tokens[config.tier])
+        else:
+            vision = int(vision_tokens)
+        rows.append(
+            [vision, text_tokens, tier_index(config.tier), config.top_k, config.num_active_blocks]
+        )
+    return np.asarray(rows, dtype=np.float32)
+
+
+def max_output_tokens(
+    predict: PredictFn,
+    features: np.ndarray,
+    budget_ms: float | np.ndarray,
+    bound: str = "mean",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> np.ndarray:
+    """Largest N <= ``max_tokens`` with prefill + decode_total(N) <= budget, per row.
+
+    0 where even the prefill (which yields the first token) does not fit. The decode
+    total is non-decreasing in N and O(1) to evaluate, so this is a bisection over N,
+    all rows at once: about log2(max_tokens) batched predictor calls, no scan.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    budget = np.broadcast_to(np.asarray(budget_ms, dtype=np.float64), (features.shape[0],))
+    key = BOUNDS[bound]
+
+    def fits(n_tokens: np.ndarray) -> np.ndarray:
+        out = predict(features, n_tokens.astype(np.float32))
+        spent = np.asarray(out[key], dtype=np.float64) + np.asarray(
+            out["decode_total_ms"], dtype=np.float64
+        )
+        return np.asarray(spent <= budget)
+
+    low = np.ones(features.shape[0], dtype=np.int64)  # N = 1: prefill alone
+    feasible_at_one = fits(low)
+    high = np.full(features.shape[0], max_tokens + 1, dtype=np.int64)  # infeasible sentinel
+    while True:
+        open_rows = feasible_at_one & (high - low > 1)
+        if not open_rows.any():
+            break
+        middle = np.where(open_rows, (low + high) // 2, low)
+        ok = fits(middle)
+        low = np.where(open_rows & ok, middle, low)
+        high = np.where(open_rows & ~ok, middle, high)
+    return np.where(feasible_at_one, low, 0)
+
+
+def budget_table(
+    predict: PredictFn,
+    configs: Sequence[Config],
+    features: np.ndarray,
+    budget_ms: float,
+    output_tokens: int | None = None,
+    safety: float = DEFAULT_SAFETY,
+    bound: str = "mean",
+    rank: str = "fastest",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> pl.DataFrame:
+    """Every configuration with its estimate, feasibility and output room, ranked.
+
+    Columns: config, tier, top_k, num_active_blocks, vision_tokens, text_tokens,
+    prefill_ms (the chosen bound), decode_total_ms and total_ms (at ``output_tokens``,
+    null without it), max_output_tokens, feasible. Feasible rows come first, then
+    ``rank``: "fastest" (lowest estimate first) or "quality" (highest tier, top_k and
+    blocks first: the most capable configuration that fits leads); ties keep grid order.
+    """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
+    if rank not in RANKINGS:
+        raise ValueError(f"rank must be one of {', '.join(RANKINGS)}, got {rank!r}")
+    if not budget_ms > 0:
+        raise ValueError(f"budget must be a positive number of ms, got {budget_ms}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety factor must be in (0, 1], got {safety}")
+    features = np.asarray(features, dtype=np.float32)
+    n_tokens = np.full(features.shape[0], output_tokens or 1, dtype=np.float32)
+    out = predict(features, n_tokens)
+    prefill = np.asarray(out[BOUNDS[bound]], dtype=np.float64)
+    feasible = prefill <= budget_ms * safety
+    decode_total: np.ndarray | None = None
+    total: np.ndarray | None = None
+    if output_tokens is not None:
+        decode_total = np.asarray(out["decode_total_ms"], dtype=np.float64)
+        total = prefill + decode_total
+        feasible &= total <= budget_ms
+    room = max_output_tokens(predict, features, budget_ms, bound=bound, max_tokens=max_tokens)
+    frame = pl.DataFrame(
+        {
+            "config": [c.name for c in configs],
+            "tier": [c.tier for c in configs],
+            "top_k": [c.top_k for c in configs],
+            "num_active_blocks": [c.num_active_blocks for c in configs],
+            "vision_tokens": features[:, 0].astype(np.int64),
+            "text_tokens": features[:, 1].astype(np.int64),
+            "prefill_ms": prefill,
+            "decode_total_ms": decode_total,
+            "total_ms": total,
+            "max_output_tokens": room,
+            "feasible": feasible,
+        },
+        schema_overrides={"decode_total_ms": pl.Float64, "total_ms": pl.Float64},
+    ).with_row_index("_grid_order")
+    if rank == "fastest":
+        order = [pl.col("total_ms" if output_tokens is not None else "prefill_ms")]
+        descending = [False]
+    else:
+        tier_rank = pl.col("tier").replace_strict({t: i for i, t in enumerate(TIERS)})
+        order = [tier_rank, pl.col("top_k"), pl.col("num_active_blocks")]
+        descending = [True, True, True]
+    return frame.sort(
+        [pl.col("feasible"), *order, pl.col("_grid_order")],
+        descending=[True, *descending, False],
+    ).drop("_grid_order")
