@@ -1,0 +1,310 @@
+"""``latkit profile``: the model's knobs, the timing loop, the files it writes, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from toolkit.cli import main
+from toolkit.errors import LatkitError
+from toolkit.features import VISION_TOKENS_PER_CROP
+from toolkit.profiler import (
+    DATASETS,
+    ProfileSettings,
+    draw_samples,
+    get_preset,
+    parse_tiers,
+    run_profile,
+)
+from toolkit.profiler import runner as runner_module
+from toolkit.profiler.datasets import SampleSpec
+from toolkit.profiler.model import EXPERTS_IMPLEMENTATION, MolmoELike, build_model, new_cache
+from toolkit.profiler.timing import Timer
+
+SAMPLE_FIELDS = {
+    "sample_id",
+    "tier",
+    "top_k",
+    "num_active_blocks",
+    "output_tokens",
+    "content_tokens",
+    "ends_with_eos",
+    "actual_num_crops",
+    "target_vision_tokens",
+    "actual_vision_tokens",
+    "actual_text_tokens",
+    "total_sequence_length",
+    "accuracy",
+    "pred",
+    "metadata",
+    "T_vision_total",
+    "T_LLM_prefill",
+    "T_LLM_decode",
+    "T_total",
+    "T_decode_per_token",
+    "T_decode_per_step",
+}
+FILE_FIELDS = {
+    "tier",
+    "tier_range",
+    "max_crops",
+    "top_k",
+    "num_active_blocks",
+    "num_total_blocks",
+    "active_block_indices",
+    "num_samples",
+    "selected_crops_mean",
+    "latency_stats",
+    "per_sample_results",
+}
+STAGES = ("T_vision_total", "T_LLM_prefill", "T_LLM_decode", "T_total", "T_decode_per_token")
+
+
+def _small(tmp: Path, **overrides: Any) -> ProfileSettings:
+    settings = ProfileSettings(
+        output_dir=tmp,
+        datasets=["tally_qa", "coco_caption"],
+        tiers=["low"],
+        top_k=[4],
+        blocks=[8, 10],
+        samples_per_config=2,
+        repeats=2,
+        progress=False,
+    )
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def _read(path: Path) -> dict[str, Any]:
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    doc: dict[str, Any] = json.loads(raw)
+    return doc
+
+
+def _result_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("*/*.json*") if p.parent.name != "logs")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> MolmoELike:
+    torch.set_num_threads(1)
+    return build_model(get_preset("tiny"), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("profile")
+    report = run_profile(_small(out))
+    assert report.files_written == 4 and not report.stopped_early
+    return out
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+def test_routed_experts_match_transformers_eager(tiny_model: MolmoELike) -> None:
+    block = tiny_model.layers[0].mlp
+    for tokens in (1, 3, 300):  # the gathered (decode) path and the grouped (prefill) path
+        x = torch.randn(1, tokens, tiny_model.preset.d_model)
+        with torch.no_grad():
+            tiny_model.config._experts_implementation = "eager"
+            expected = block(x)
+            tiny_model.config._experts_implementation = EXPERTS_IMPLEMENTATION
+            got = block(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [8, 16])
+def test_active_blocks_kv_cache_is_consistent(tiny_model: MolmoELike, blocks: int) -> None:
+    """A decode pass over the cache of n blocks equals recomputing the whole sequence."""
+    d = tiny_model.preset.d_model
+    prompt, new = torch.randn(1, 40, d), torch.randn(1, 1, d)
+    cache = new_cache()
+    tiny_model.decoder_hidden(prompt, cache, blocks)
+    assert len(cache.layers) == blocks  # only the first n blocks ran
+    cached = tiny_model.decoder_hidden(new, cache, blocks)
+    assert cache.get_seq_length() == 41
+    full = tiny_model.decoder_hidden(torch.cat([prompt, new], dim=1), new_cache(), blocks)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+
+
+def test_vision_tokens_per_crop(tiny_model: MolmoELike) -> None:
+    pixels = torch.randn(3, 3, 336, 336)  # 2 crops + the global view
+    embeds = tiny_model.encode_images(pixels)
+    assert embeds.shape == (1, 3 * VISION_TOKENS_PER_CROP, tiny_model.preset.d_model)
+
+
+def test_molmoe_preset_dimensions() -> None:
+    preset = get_preset("molmoe-1b")
+    assert (preset.d_model, preset.num_layers, preset.num_heads) == (2048, 16, 16)
+    assert (preset.num_experts, preset.default_top_k, preset.expert_hidden) == (64, 8, 1024)
+    assert (preset.vit_width, preset.vit_layers, preset.vit_mlp) == (1024, 23, 4096)
+    tiny = get_preset("tiny")
+    assert (tiny.num_layers, tiny.num_experts) == (16, 64)
+
+
+def test_compute_grows_with_top_k_and_blocks(tiny_model: MolmoELike) -> None:
+    """Measured prefill: top_k 12 > top_k 4 and 16 blocks > 8, by margins noise can't flip.
+
+    Configurations are interleaved run by run so that a change of machine load hits all of
+    them alike, and medians of 5 runs are compared.
+    """
+    timer = Timer(tiny_model, torch.device("cpu"), torch.float32)
+    # A long prompt (7 images, 1008 vision tokens) so the decoder dominates.
+    spec = SampleSpec(sample_id=0, num_crops=6, text_tokens=30, output_tokens=1)
+    configs = [(4, 16), (12, 16), (8, 8), (8, 16)]
+    runs: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+    tiny_model.set_top_k(8)
+    timer.warm_up(spec, 16)
+    for _ in range(5):
+        for top_k, blocks in configs:
+            tiny_model.set_top_k(top_k)
+            runs[(top_k, blocks)].extend(timer.time_sample(spec, blocks, 1).prefill_runs)
+    median = {c: statistics.median(v) for c, v in runs.items()}
+    assert median[(12, 16)] > 1.15 * median[(4, 16)], median
+    assert median[(8, 16)] > 1.4 * median[(8, 8)], median
+
+
+def test_timer_measures_every_decode_pass(tiny_model: MolmoELike) -> None:
+    timer = Timer(tiny_model, torch.device("cpu"), torch.float32)
+    spec = SampleSpec(sample_id=3, num_crops=1, text_tokens=12, output_tokens=5)
+    timing = timer.time_sample(spec, 8, repeats=3)
+    sample = timing.to_sample("low", 8, 8)
+    assert len(sample["T_decode_per_step"]) == 4  # the first token comes out of prefill
+    assert all(len(step) == 3 for step in sample["T_decode_per_step"])
+    assert sample["T_LLM_decode"] > 0
+    assert sample["total_sequence_length"] == 2 * VISION_TOKENS_PER_CROP + 12
+    one = timer.time_sample(SampleSpec(4, 1, 12, 1), 8, repeats=2).to_sample("low", 8, 8)
+    assert one["T_LLM_decode"] == 0.0 and one["T_decode_per_step"] == []
+    assert one["T_decode_per_token"] == 0.0
+
+
+# --- drawn samples ---------------------------------------------------------------------------
+
+
+def test_draws_are_seeded_and_within_ranges() -> None:
+    a = draw_samples("coco_caption", "medium", 8, 12, 20, seed=1, first_sample_id=0)
+    assert a == draw_samples("coco_caption", "medium", 8, 12, 20, seed=1, first_sample_id=0)
+    assert a != draw_samples("coco_caption", "medium", 8, 12, 20, seed=2, first_sample_id=0)
+    assert all(4 <= s.num_crops <= 8 for s in a)
+    assert statistics.median(s.output_tokens for s in a) >= 10  # captions: tens of tokens
+    vqa = draw_samples("coco_2014_vqa", "high", 4, 8, 50, seed=1, first_sample_id=0)
+    assert all(s.output_tokens <= 10 and 9 <= s.num_crops <= 15 for s in vqa)
+    assert len(DATASETS) == 9
+
+
+# --- files, loader, resume, max-minutes -----------------------------------------------------
+
+
+def test_files_follow_the_format(profiled: Path) -> None:
+    files = _result_files(profiled)
+    names = {p.name for p in files}
+    assert {p.parent.name for p in files} == {"tally-qa", "coco-caption"}
+    assert any(n.startswith("tally-qa_imgsizetier-low_crops") for n in names)
+    assert all(n.endswith(("_topk4_blocks8.json", "_topk4_blocks10.json")) for n in names)
+    for path in files:
+        doc = _read(path)
+        assert set(doc) == FILE_FIELDS
+        assert f"_crops{round(doc['selected_crops_mean'])}_" in path.name
+        assert doc["num_samples"] == len(doc["per_sample_results"]) == 2
+        assert doc["active_block_indices"] == list(range(doc["num_active_blocks"]))
+        assert doc["tier_range"] == {"min_crops": 1, "max_crops": 3}
+        stats = doc["latency_stats"]
+        for stage in STAGES:
+            for suffix in ("mean", "std", "p50", "p95", "p99"):
+                assert isinstance(stats[f"{stage}_{suffix}"], float)
+        for sample in doc["per_sample_results"]:
+            assert set(sample) == SAMPLE_FIELDS
+            assert len(sample["T_decode_per_step"]) == sample["output_tokens"] - 1
+            assert sample["accuracy"] == 0.0 and sample["pred"] == "" and sample["metadata"] == {}
+    run_log = json.loads((profiled / "logs" / "run.json").read_text())
+    assert run_log["status"] == "complete"
+    assert run_log["noise_floor"]["prefill_total_spread"]["n"] == 8
+    assert {"torch", "transformers", "latkit"} <= set(run_log["versions"])
+
+
+def test_loader_reads_profile_output_without_skips(profiled: Path) -> None:
+    from toolkit.data import load_results
+
+    result = load_results(profiled, use_all_datasets=True, outlier_ms=1e9)
+    assert not result.skipped and not result.files_failed
+    assert result.samples.height == 8
+    passes = sum(
+        len(s["T_decode_per_step"])
+        for p in _result_files(profiled)
+        for s in _read(p)["per_sample_results"]
+    )
+    assert result.steps.height == passes
+
+
+def test_resume_skips_finished_files_and_gzip(tmp_path: Path) -> None:
+    first = run_profile(_small(tmp_path, blocks=[8], gzip=True, repeats=1))
+    assert first.files_written == 2
+    files = _result_files(tmp_path)
+    assert all(p.name.endswith(".json.gz") for p in files)
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    again = run_profile(_small(tmp_path, blocks=[8, 10], gzip=True, repeats=1, resume=True))
+    assert (again.files_skipped, again.files_written) == (2, 2)
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in files)
+    assert len(_result_files(tmp_path)) == 4
+
+
+def test_max_minutes_stops_between_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock that advances 70 s per written file: with --max-minutes 1 the run must
+    # stop cleanly after the first dataset's files (written together), and --resume must
+    # finish the rest.
+    now = [0.0]
+    write_result = runner_module.write_result
+
+    def slow_write(path: Path, document: dict[str, Any]) -> None:
+        write_result(path, document)
+        now[0] += 70.0
+
+    monkeypatch.setattr(runner_module, "write_result", slow_write)
+    report = run_profile(_small(tmp_path, repeats=1, max_minutes=1.0), clock=lambda: now[0])
+    assert report.stopped_early and report.files_written == 2 and report.files_remaining == 2
+    assert len(_result_files(tmp_path)) == 2
+    assert json.loads((tmp_path / "logs" / "run.json").read_text())["status"].startswith("stop")
+    rest = run_profile(_small(tmp_path, repeats=1, resume=True))
+    assert (rest.files_skipped, rest.files_written, rest.stopped_early) == (2, 2, False)
+
+
+# --- errors and the CLI -----------------------------------------------------------------
+
+
+def test_bad_inputs_raise_latkit_errors(tmp_path: Path) -> None:
+    with pytest.raises(LatkitError, match="preset"):
+        get_preset("molmo-72b")
+    with pytest.raises(LatkitError, match="tier"):
+        parse_tiers("low,huge")
+    with pytest.raises(LatkitError, match="top-k"):
+        run_profile(_small(tmp_path, top_k=[65]))
+    with pytest.raises(LatkitError, match="blocks"):
+        run_profile(_small(tmp_path, blocks=[17]))
+
+
+def test_cli_profile(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "res"
+    args = ["profile", "--output-dir", str(out), "--datasets", "tally_qa", "--tiers", "low"]
+    args += ["--top-k", "4", "--blocks", "8", "--samples-per-config", "1", "--repeats", "1"]
+    result = runner.invoke(main, [*args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 files written" in result.output
+    assert len(_result_files(out)) == 1
+
+    bad = runner.invoke(main, ["profile", "--output-dir", str(out), "--tiers", "huge"])
+    assert bad.exit_code == 2
+    assert "unknown tier" in bad.output and "Traceback" not in bad.output
+
+    help_text = runner.invoke(main, ["profile", "--help"]).output
+    for flag in ("--preset", "--repeats", "--resume", "--max-minutes", "--top-k", "--blocks"):
+        assert flag in help_text

@@ -1,0 +1,29 @@
+"""``latkit profile``: measure a random-weight MolmoE-1B-shaped model, write the core-exp format.
+
+The heavy parts (torch models from ``transformers``) are imported when a sweep starts, so
+importing this package stays cheap.
+"""
+
+from toolkit.profiler.datasets import DATASETS, draw_samples, parse_datasets
+from toolkit.profiler.model import PRESETS, ModelPreset, get_preset
+from toolkit.profiler.runner import (
+    ProfileReport,
+    ProfileSettings,
+    parse_int_list,
+    parse_tiers,
+    run_profile,
+)
+
+__all__ = [
+    "DATASETS",
+    "PRESETS",
+    "ModelPreset",
+    "ProfileReport",
+    "ProfileSettings",
+    "draw_samples",
+    "get_preset",
+    "parse_datasets",
+    "parse_int_list",
+    "parse_tiers",
+    "run_profile",
+]
