@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from exporters.runtime import DEFAULT_VISION_TOKENS
 from toolkit.controller import (
     Config,
     budget_table,
-    default_vision_tokens,
     knob_grid,
     max_output_tokens,
     parse_config,
     request_features,
 )
+from toolkit.features import default_vision_tokens
 
 
 def toy_predict(features: np.ndarray, output_tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -52,6 +53,8 @@ def test_grid_and_parsing() -> None:
         parse_config("medium-8")
     assert default_vision_tokens("low") == (2 + 1) * 144
     assert default_vision_tokens("high") == (12 + 1) * 144
+    # The standalone runtime carries its own copy (it imports nothing from latkit).
+    assert {t: default_vision_tokens(t) for t in DEFAULT_VISION_TOKENS} == DEFAULT_VISION_TOKENS
 
 
 @pytest.mark.parametrize("budget", [20.0, 40.0, 55.5, 80.0])

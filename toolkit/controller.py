@@ -24,10 +24,9 @@ import polars as pl
 from toolkit.features import (
     GRID_BLOCKS,
     GRID_TOP_K,
-    TIER_CROP_RANGE,
     TIERS,
-    VISION_TOKENS_PER_CROP,
     config_name,
+    default_vision_tokens,
     tier_index,
 )
 
@@ -74,12 +73,6 @@ def parse_config(name: str) -> Config:
         raise ValueError(f"configuration {name!r} is not <tier>_<top_k>_<blocks>")
     tier = TIERS[tier_index(parts[0])]
     return Config(tier, int(parts[1]), int(parts[2]))
-
-
-def default_vision_tokens(tier: str) -> int:
-    """Vision tokens of a tier's typical image: (mean crops of its range + 1) x 144."""
-    low, high = TIER_CROP_RANGE[TIERS[tier_index(tier)]]
-    return round((low + high) / 2 + 1) * VISION_TOKENS_PER_CROP
 
 
 def request_features(

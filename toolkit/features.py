@@ -52,6 +52,13 @@ def tier_index(tier: str | int) -> int:
     raise ValueError(f"unknown tier {tier!r}: expected one of {', '.join(TIERS)} or 0-2")
 
 
+def default_vision_tokens(tier: str | int) -> int:
+    """Vision tokens of a tier's typical image, for callers that do not know them:
+    (mean crops of the tier's range + 1) x 144 (low 432, medium 1008, high 1872)."""
+    low, high = TIER_CROP_RANGE[TIERS[tier_index(tier)]]
+    return round((low + high) / 2 + 1) * VISION_TOKENS_PER_CROP
+
+
 def config_name(tier: str, top_k: int, num_active_blocks: int) -> str:
     """The per-configuration key used in tables and JSON: ``<tier>_<top_k>_<blocks>``."""
     return f"{tier}_{top_k}_{num_active_blocks}"

@@ -39,10 +39,28 @@ def main() -> None:
 
 
 def _register() -> None:
-    # One import per command module; each module defines one click command.
+    # One import per command module; each module defines one click command. Listed in the
+    # order of the typical flow (click sorts --help itself).
+    from toolkit.cli.evaluate_cmd import evaluate_command
+    from toolkit.cli.export_cmd import export_command
     from toolkit.cli.inspect_cmd import inspect_command
+    from toolkit.cli.plot_cmd import plot_command
+    from toolkit.cli.predict_cmd import predict_command
+    from toolkit.cli.profile_cmd import profile_command
+    from toolkit.cli.recalibrate_cmd import recalibrate_command
+    from toolkit.cli.train_cmd import train_command
 
-    main.add_command(inspect_command)
+    for command in (
+        profile_command,
+        inspect_command,
+        train_command,
+        evaluate_command,
+        plot_command,
+        export_command,
+        predict_command,
+        recalibrate_command,
+    ):
+        main.add_command(command)
 
 
 _register()

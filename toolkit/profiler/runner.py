@@ -401,7 +401,9 @@ def _run(
     else:
         status = "complete"
     noise = write_log(status, written)
-    if noise:
+    if settings.repeats < 2:
+        log.info("Noise floor: not measured (it needs --repeats 2 or more)")
+    elif noise:
         log.info(
             "Noise floor (median relative spread of %d repeats): prefill total %.2f %%, "
             "decode pass %.2f %%",

@@ -1,0 +1,421 @@
+"""Predictor speed: the exported predictor against the ways a controller could ask otherwise.
+
+All in one process, same inputs, one thread each (so the figures compare work, not cores):
+
+- ``onnx (LatencyPredictor)``: exporters.runtime with bound output buffers (how a Python
+  controller should call it); ``onnx (session.run)``: a plain ``InferenceSession.run``.
+- ``torchscript``: the exported ``latency_predictor.ts`` under ``torch.inference_mode``.
+- ``python HybridLatencyModel``: the trained model's own ``predict``.
+- ``xgboost inplace_predict``: XGBoost's fastest Python path, prefill mean head ALONE.
+- ``original network (TorchScript)``: the original single network (5 features -> 2 x
+  (Linear 256, LayerNorm, ReLU), position encoder on log(k+1), prefill and decode heads,
+  decode evaluated at every position 1..N-1 as the original did), from
+  ``reports.baselines.OriginalSingleNetworkModule``, scripted. Untrained weights: its cost
+  does not depend on them.
+- ``c++ onnxruntime`` / ``c++ libtorch``: the examples/cpp executables, when built
+  (``examples/cpp/build.sh``), batch 1 only (median reported by the executable itself).
+
+Batch 1: median of ``--calls`` calls after a warm-up, in µs per query. Batch 4096: median of
+``--big-calls`` calls, in µs per row. Candidates are timed round-robin (a slice of each per
+round) so that load drifting on a shared machine hits them alike. A last row times a graph
+of 7 Identity nodes with the same inputs/outputs: the fixed cost of a call from Python.
+Queries use ``--output-tokens`` tokens at batch 1 and 1..2x that at batch 4096 (the original
+network's cost grows with it; the others' does not).
+Ratios are printed against the original network and against XGBoost measured in this run.
+
+Last, the design choice for the trees, measured: the prefill mean head alone as the lookup
+table the exporter builds vs as one ONNX ``TreeEnsembleRegressor`` node.
+
+    python benchmarks/predictor_speed.py [--checkpoint DIR] [--calls 3000] [--output-tokens 64]
+
+Without ``--checkpoint`` a small model is fitted on synthetic data first (a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import _common  # noqa: F401  (puts tests/ on sys.path for the synthetic generator)
+import numpy as np
+import onnxruntime as ort
+import torch
+import xgboost as xgb
+from synthetic import make_samples, write_results_dir
+
+from exporters.export import (
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    build_predictor,
+    export_model,
+    load_model,
+)
+from exporters.runtime import LatencyPredictor
+from reports.baselines import OriginalSingleNetworkModule
+from toolkit.data import load_results
+from toolkit.models.hybrid import HybridLatencyModel
+
+ROOT = Path(__file__).resolve().parents[1]
+CPP_BUILD = ROOT / "examples" / "cpp" / "build" / "cmake"
+
+
+def interleaved_medians(
+    funcs: dict[str, Callable[[], object]], calls: dict[str, int], rounds: int = 10
+) -> dict[str, float]:
+    """Median µs per call of each function, timed round-robin.
+
+    On a shared machine the load drifts during a run; timing every candidate a little in
+    each of ``rounds`` rounds exposes all of them to the same drift, so ratios hold.
+    """
+    samples: dict[str, list[int]] = {name: [] for name in funcs}
+    for name, func in funcs.items():  # warm-up
+        for _ in range(max(2, min(500, calls[name] // 10))):
+            func()
+    for _ in range(rounds):
+        for name, func in funcs.items():
+            times = samples[name]
+            for _ in range(max(1, calls[name] // rounds)):
+                start = time.perf_counter_ns()
+                func()
+                times.append(time.perf_counter_ns() - start)
+    return {name: statistics.median(times) / 1e3 for name, times in samples.items()}
+
+
+def floor_model() -> bytes:
+    """A graph with the predictor's inputs and outputs and one node per output: the fixed
+    cost of a call (Python binding, ORT's Run) that no graph can go below."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporters.fused import OUTPUT_NAMES
+
+    nodes = [helper.make_node("Identity", ["output_tokens"], [name]) for name in OUTPUT_NAMES]
+    graph = helper.make_graph(
+        nodes,
+        "floor",
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 5]),
+            helper.make_tensor_value_info("output_tokens", TensorProto.FLOAT, ["B"]),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B"]) for n in OUTPUT_NAMES],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def tree_ensemble_model(booster: xgb.Booster, log_target: bool) -> bytes:
+    """The mean prefill booster as ONE ai.onnx.ml TreeEnsembleRegressor node (+ Exp for a log
+    target): the alternative to the lookup table, timed on the prefill head alone."""
+    from onnx import TensorProto, helper
+
+    doc = json.loads(booster.save_raw("json"))
+    trees = doc["learner"]["gradient_booster"]["model"]["trees"]
+    base_text = doc["learner"]["learner_model_param"]["base_score"]
+    base = float(json.loads(base_text)[0] if base_text.startswith("[") else base_text)
+    keys = (
+        "nodes_treeids",
+        "nodes_nodeids",
+        "nodes_featureids",
+        "nodes_values",
+        "nodes_modes",
+        "nodes_truenodeids",
+        "nodes_falsenodeids",
+        "nodes_missing_value_tracks_true",
+        "target_treeids",
+        "target_nodeids",
+        "target_ids",
+        "target_weights",
+    )
+    attrs: dict[str, list[Any]] = {key: [] for key in keys}
+    for t, tree in enumerate(trees):
+        left, right = tree["left_children"], tree["right_children"]
+        for i, child in enumerate(left):
+            leaf = child == -1
+            attrs["nodes_treeids"].append(t)
+            attrs["nodes_nodeids"].append(i)
+            attrs["nodes_featureids"].append(0 if leaf else tree["split_indices"][i])
+            attrs["nodes_values"].append(0.0 if leaf else float(tree["split_conditions"][i]))
+            attrs["nodes_modes"].append("LEAF" if leaf else "BRANCH_LT")
+            attrs["nodes_truenodeids"].append(0 if leaf else child)
+            attrs["nodes_falsenodeids"].append(0 if leaf else right[i])
+            attrs["nodes_missing_value_tracks_true"].append(0 if leaf else tree["default_left"][i])
+            if leaf:
+                attrs["target_treeids"].append(t)
+                attrs["target_nodeids"].append(i)
+                attrs["target_ids"].append(0)
+                attrs["target_weights"].append(float(tree["split_conditions"][i]))
+    nodes = [
+        helper.make_node(
+            "TreeEnsembleRegressor",
+            ["features"],
+            ["margin"],
+            domain="ai.onnx.ml",
+            n_targets=1,
+            base_values=[base],
+            aggregate_function="SUM",
+            post_transform="NONE",
+            **attrs,
+        )
+    ]
+    nodes.append(helper.make_node("Exp" if log_target else "Identity", ["margin"], ["prefill"]))
+    graph = helper.make_graph(
+        nodes,
+        "tree_ensemble",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 5])],
+        [helper.make_tensor_value_info("prefill", TensorProto.FLOAT, ["B", 1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def table_prefill_model(predictor: torch.nn.Module) -> bytes:
+    """The exported predictor's prefill lookup alone (same ops as in the full graph)."""
+
+    class PrefillOnly(torch.nn.Module):
+        def __init__(self, fused: torch.nn.Module) -> None:
+            super().__init__()
+            self.fused = fused
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            index = self.fused.cell_index(features)
+            return self.fused.table_mean.index_select(0, index)
+
+    program = torch.onnx.export(
+        PrefillOnly(predictor),
+        (torch.ones(3, 5),),
+        dynamo=True,
+        input_names=["features"],
+        dynamic_shapes={"features": {0: torch.export.Dim("batch", min=1)}},
+    )
+    assert program is not None
+    return program.model_proto.SerializeToString()
+
+
+def prefill_alone(
+    model: HybridLatencyModel, x1: np.ndarray, xb: np.ndarray, calls: int, big_calls: int
+) -> None:
+    """Lookup table vs TreeEnsemble on the prefill mean head alone, same run."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    predictor, _, _ = build_predictor(model)
+    log_target = model.prefill.target_transform == "log"
+    sessions = {
+        "prefill table (9 ordinary ops)": ort.InferenceSession(
+            table_prefill_model(predictor), options, providers=["CPUExecutionProvider"]
+        ),
+        "prefill TreeEnsembleRegressor": ort.InferenceSession(
+            tree_ensemble_model(model.prefill.booster, log_target),
+            options,
+            providers=["CPUExecutionProvider"],
+        ),
+    }
+    want = model.prefill.predict(xb)
+    print("\nprefill mean head alone (ONNX Runtime, 1 thread):")
+    one = interleaved_medians(
+        {k: (lambda s=s: s.run(None, {"features": x1})) for k, s in sessions.items()},
+        dict.fromkeys(sessions, calls),
+    )
+    big = interleaved_medians(
+        {k: (lambda s=s: s.run(None, {"features": xb})) for k, s in sessions.items()},
+        dict.fromkeys(sessions, big_calls),
+        rounds=min(big_calls, 5),
+    )
+    for name, session in sessions.items():
+        got = session.run(None, {"features": xb})[0].reshape(-1)
+        rel = float(np.max(np.abs(got - want) / np.abs(want)))
+        print(
+            f"  {name:<34} batch1 {one[name]:7.1f} us   b4096 {big[name] / len(xb):7.3f} "
+            f"us/row   max rel diff vs model {rel:.1e}"
+        )
+
+
+def fit_small_model(root: Path) -> HybridLatencyModel:
+    write_results_dir(root / "results", make_samples(n_per_config=4, seed=0))
+    loaded = load_results(root / "results")
+    return HybridLatencyModel(
+        num_epochs=5, device="cpu", prefill_params={"n_estimators": 200, "nthread": 1}
+    ).fit(loaded.samples, loaded.steps)
+
+
+def queries(
+    model: HybridLatencyModel, n: int, tokens: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn from the model's training data (so no row is out of range)."""
+    from toolkit.features import feature_matrix
+
+    assert model.training_data is not None
+    features = feature_matrix(model.training_data)
+    rng = np.random.default_rng(seed)
+    x = features[rng.integers(0, len(features), n)]
+    if n == 1:
+        n_tokens = np.array([tokens], dtype=np.float32)
+    else:
+        n_tokens = rng.integers(1, 2 * tokens + 1, n).astype(np.float32)
+    return np.ascontiguousarray(x), n_tokens
+
+
+def run_cpp(exe: str, model_path: Path, x: np.ndarray, n: np.ndarray, calls: int) -> float | None:
+    binary = CPP_BUILD / exe
+    if not binary.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "q.csv"
+        header = "vision_tokens,text_tokens,tier,top_k,num_active_blocks,output_tokens\n"
+        csv.write_text(header + ",".join(f"{v:g}" for v in [*x[0], n[0]]) + "\n")
+        done = subprocess.run(
+            [str(binary), str(model_path), str(csv), "--bench", str(calls)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    for line in done.stderr.splitlines():
+        if "median_us=" in line:
+            return float(line.rsplit("median_us=", 1)[1])
+    print(f"  ({exe} failed: {done.stderr.strip()[:200]})")
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="trained artifact directory (default: fit a small synthetic model)",
+    )
+    parser.add_argument("--calls", type=int, default=3000, help="batch-1 calls per predictor")
+    parser.add_argument("--big-calls", type=int, default=20, help="batch-4096 calls")
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--no-cpp", action="store_true", help="skip the C++ executables")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = load_model(args.checkpoint) if args.checkpoint else fit_small_model(root)
+        result = export_model(model, root / "exported", training_data=model.training_data)
+        onnx_path, ts_path = root / "exported" / ONNX_FILE, root / "exported" / TORCHSCRIPT_FILE
+        print(
+            f"model: {args.checkpoint or 'synthetic (fitted here)'}; prefill table "
+            f"{result.n_cells:,} cells; decode {result.decode_form}; "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
+
+        x1, n1 = queries(model, 1, args.output_tokens, 0)
+        xb, nb = queries(model, 4096, args.output_tokens, 1)
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        predictor = LatencyPredictor(
+            onnx_path, device="cpu", threads=1, large_batch=1 << 30, on_out_of_range="flag"
+        )
+        ts = torch.jit.load(str(ts_path))
+        original = torch.jit.script(OriginalSingleNetworkModule().eval())
+        booster = model.prefill.booster
+        booster.set_param({"nthread": 1, "device": "cpu"})
+
+        def torch_call(module: torch.jit.ScriptModule, x: np.ndarray, n: np.ndarray):
+            tx, tn = torch.from_numpy(x), torch.from_numpy(n)
+
+            def call() -> object:
+                with torch.inference_mode():
+                    return module(tx, tn)
+
+            return call
+
+        candidates: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
+            "onnx (LatencyPredictor)": (
+                lambda: predictor.run(x1, n1),
+                lambda: predictor.run(xb, nb),
+            ),
+            "onnx (session.run)": (
+                lambda: session.run(None, {"features": x1, "output_tokens": n1}),
+                lambda: session.run(None, {"features": xb, "output_tokens": nb}),
+            ),
+            "torchscript": (torch_call(ts, x1, n1), torch_call(ts, xb, nb)),
+            "python HybridLatencyModel": (
+                lambda: model.predict(x1, n1),
+                lambda: model.predict(xb, nb),
+            ),
+            "xgboost inplace_predict (prefill only)": (
+                lambda: booster.inplace_predict(x1),
+                lambda: booster.inplace_predict(xb),
+            ),
+            "original network (TorchScript)": (
+                torch_call(original, x1, n1),
+                torch_call(original, xb, nb),
+            ),
+        }
+        floor_path = root / "floor.onnx"
+        floor_path.write_bytes(floor_model())
+        floor = LatencyPredictor(floor_path, device="cpu", threads=1, large_batch=1 << 30)
+        candidates["onnx floor: 7 Identity nodes, same I/O"] = (
+            lambda: floor.run(x1, n1),
+            lambda: floor.run(xb, nb),
+        )
+        slow = ("python", "original", "xgboost")
+        b1 = interleaved_medians(
+            {name: pair[0] for name, pair in candidates.items()},
+            {name: args.calls // 5 if name.startswith(slow) else args.calls for name in candidates},
+        )
+        big = interleaved_medians(
+            {name: pair[1] for name, pair in candidates.items()},
+            {name: args.big_calls for name in candidates},
+            rounds=min(args.big_calls, 5),
+        )
+        rows: dict[str, tuple[float, float | None]] = {
+            name: (b1[name], big[name] / len(xb)) for name in candidates
+        }
+        if not args.no_cpp:
+            for label, exe, path in (
+                ("c++ onnxruntime", "latkit_predict_ort", onnx_path),
+                ("c++ onnxruntime floor (7 Identity nodes)", "latkit_predict_ort", floor_path),
+                ("c++ libtorch", "latkit_predict_ts", ts_path),
+            ):
+                value = run_cpp(exe, path, x1, n1, max(args.calls, 5000))
+                if value is not None:
+                    rows[label] = (value, None)
+
+    base_b1, base_big = rows["original network (TorchScript)"]
+    xgb_b1, xgb_big = rows["xgboost inplace_predict (prefill only)"]
+    print(
+        f"\nbatch 1: output_tokens={args.output_tokens}; batch 4096: output_tokens "
+        f"1..{2 * args.output_tokens}"
+    )
+    print(
+        f"{'predictor':<40} {'batch1 us':>10} {'x orig':>8} {'x xgb':>7} "
+        f"{'b4096 us/row':>13} {'x orig':>8} {'x xgb':>7}"
+    )
+    for name, (b1, big) in rows.items():
+        big_text = f"{big:13.3f} {base_big / big:8.1f} {xgb_big / big:7.1f}" if big else ""
+        print(f"{name:<40} {b1:10.1f} {base_b1 / b1:8.1f} {xgb_b1 / b1:7.1f} {big_text}")
+    print(
+        "\n'x orig' / 'x xgb': how many times faster than the original network / XGBoost "
+        "inplace_predict in this run (>1 = faster)."
+    )
+    prefill_alone(model, x1, xb, args.calls, args.big_calls)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The second exported entry point: the largest output length that fits a latency budget.
+
+``latency_budget.onnx`` / ``latency_budget.ts`` take ``features`` float32 [B, 5] and
+``budget_ms`` float32 [B] and return, per row, the largest N <= 4096 output tokens with
+prefill + decode_total(N) <= budget (0 where the prefill alone does not fit), once with
+the mean prefill and once with each safe bound: ``max_output_tokens``,
+``max_output_tokens_p90``, ``max_output_tokens_p95`` (float32 [B]).
+
+It is the same bisection as ``toolkit.controller.max_output_tokens``, unrolled: the search
+interval [1, 4097) halves 12 times, each step one O(1) decode total, so a C++ controller
+gets the answer in one call with no loop over positions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from exporters.fused import FusedPredictor
+
+BUDGET_ONNX_FILE = "latency_budget.onnx"
+BUDGET_TORCHSCRIPT_FILE = "latency_budget.ts"
+BUDGET_INPUT_NAMES: tuple[str, ...] = ("features", "budget_ms")
+BUDGET_OUTPUT_NAMES: tuple[str, ...] = (
+    "max_output_tokens",
+    "max_output_tokens_p90",
+    "max_output_tokens_p95",
+)
+#: Largest output length searched: 2 ** SEARCH_STEPS.
+SEARCH_STEPS = 12
+MAX_TOKENS = 2**SEARCH_STEPS
+assert (SEARCH_STEPS, MAX_TOKENS) == (12, 4096), "update the literals in BudgetPredictor.forward"
+
+
+class BudgetPredictor(torch.nn.Module):
+    """``forward(features [B,5], budget_ms [B])`` -> max output tokens per prefill bound."""
+
+    def __init__(self, predictor: FusedPredictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, features: Tensor, budget_ms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        index = self.predictor.cell_index(features)
+        rows = features.shape[0]
+        # The three bounds searched together as one batch of 3B rows.
+        prefill = torch.cat(
+            [
+                self.predictor.table_mean.index_select(0, index),
+                self.predictor.table_p90.index_select(0, index),
+                self.predictor.table_p95.index_select(0, index),
+            ]
+        )
+        repeated = torch.cat([features, features, features])
+        budget = torch.cat([budget_ms, budget_ms, budget_ms])
+        low = torch.ones_like(budget)  # N = 1 (prefill alone): feasible where it fits
+        # TorchScript cannot read module globals: 4097 = MAX_TOKENS + 1, 12 = SEARCH_STEPS.
+        high = torch.full_like(budget, 4097.0)  # never feasible
+        for _ in range(12):
+            middle = torch.floor((low + high) * 0.5)
+            decode_total, _ = self.predictor.decode(repeated, middle)
+            fits = prefill + decode_total <= budget
+            low = torch.where(fits, middle, low)
+            high = torch.where(fits, high, middle)
+        answer = torch.where(prefill <= budget, low, torch.zeros_like(low))
+        return answer[:rows], answer[rows : 2 * rows], answer[2 * rows :]
+
+
+def budget_metadata(predictor_metadata: dict[str, Any]) -> dict[str, Any]:
+    """The predictor's metadata with this graph's names and a description."""
+    return {
+        **predictor_metadata,
+        "description": "latkit budget query: largest output length within budget_ms",
+        "input_names": list(BUDGET_INPUT_NAMES),
+        "output_names": list(BUDGET_OUTPUT_NAMES),
+        "max_tokens": MAX_TOKENS,
+    }
+
+
+def reference_answers(model: Any, features: np.ndarray, budget_ms: np.ndarray) -> dict[str, Any]:
+    """What ``toolkit.controller.max_output_tokens`` says for the same rows (the reference)."""
+    from toolkit.controller import max_output_tokens
+
+    return {
+        name: max_output_tokens(model.predict, features, budget_ms, bound, MAX_TOKENS)
+        for name, bound in zip(BUDGET_OUTPUT_NAMES, ("mean", "p90", "p95"), strict=True)
+    }
+
+
+def probe_budgets(model: Any, features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Budgets around each row's own scale: from below its prefill to room for long answers."""
+    out = model.predict(features, np.full(len(features), 64, dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    low = 0.5 * np.asarray(out["prefill_ms"])
+    high = np.asarray(out["prefill_p95_ms"]) + 4.0 * np.asarray(out["decode_total_ms"]) + 1.0
+    return (low + rng.random(len(features)) * (high - low)).astype(np.float32)
+
+
+def run_budget_file(path: Path, features: np.ndarray, budget_ms: np.ndarray) -> dict[str, Any]:
+    """Answers of an exported budget file (.onnx through ONNX Runtime, .ts through torch)."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    b = np.ascontiguousarray(budget_ms, dtype=np.float32)
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        values = session.run(None, {"features": x, "budget_ms": b})
+    else:
+        module = torch.jit.load(str(path), map_location="cpu")
+        with torch.inference_mode():
+            values = [v.numpy() for v in module(torch.from_numpy(x), torch.from_numpy(b))]
+    return dict(zip(BUDGET_OUTPUT_NAMES, values, strict=True))
+
+
+def budget_agreement(got: dict[str, Any], want: dict[str, Any]) -> tuple[float, int]:
+    """(fraction of rows equal in every output, largest difference in tokens)."""
+    equal = np.ones(len(next(iter(want.values()))), dtype=bool)
+    worst = 0
+    for name in BUDGET_OUTPUT_NAMES:
+        diff = np.abs(np.asarray(got[name], dtype=np.float64) - np.asarray(want[name]))
+        equal &= diff == 0
+        worst = max(worst, int(diff.max()) if diff.size else 0)
+    return float(equal.mean()) if equal.size else 1.0, worst

@@ -1,0 +1,420 @@
+"""Serve an exported ``latency_predictor.onnx`` with nothing but numpy and onnxruntime.
+
+    from exporters.runtime import LatencyPredictor
+
+    predictor = LatencyPredictor("exported/latency_predictor.onnx")
+    out = predictor.predict(vision_tokens=1008, text_tokens=120, tier="medium", top_k=8,
+                            num_active_blocks=12, output_tokens=64)
+    out["total_ms"], out["prefill_p95_ms"], out["out_of_range"]
+
+This file deliberately imports nothing from latkit (copy it next to a controller as is):
+feature order, tier names and training ranges come from the model's own metadata.
+
+Threads: a batch-1 query is fastest on one thread (no pool wake-up), so small batches run
+on a single-threaded CPU session. Batches of ``large_batch`` rows or more run on a second
+session with all cores, on the CUDA execution provider when one is usable. Inputs are
+validated (shape, dtype, NaN/inf -> ``InputError``); rows outside the training ranges are
+flagged in ``out["out_of_range"]`` and, by default, warned about: the trees cannot
+extrapolate, so such predictions are the value at the edge of the training data.
+
+One ``LatencyPredictor`` is not meant to be shared between threads (it reuses its output
+buffers); give each thread its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+METADATA_KEY = "latkit_metadata.json"
+DEFAULT_FEATURE_NAMES = ("vision_tokens", "text_tokens", "tier_idx", "top_k", "num_active_blocks")
+DEFAULT_TIERS = ("low", "medium", "high")
+#: Vision tokens of a tier when a caller does not know them: (mean crops + 1) x 144, with the
+#: crop ranges of the core-experiment format (low 1-3, medium 4-8, high 9-15 crops).
+DEFAULT_VISION_TOKENS = {"low": 432, "medium": 1008, "high": 1872}
+#: The budget query exported beside the predictor (``exporters.budget``).
+BUDGET_FILE = "latency_budget.onnx"
+_BOUND_OUTPUTS = {
+    "mean": "prefill_ms",
+    "p50": "prefill_p50_ms",
+    "p90": "prefill_p90_ms",
+    "p95": "prefill_p95_ms",
+}
+
+
+class InputError(ValueError):
+    """Inputs the predictor refuses: wrong shape, NaN/inf, unknown tier, missing value."""
+
+
+class OutOfRangeWarning(UserWarning):
+    """Some rows lie outside the ranges the model was trained on."""
+
+
+def tier_to_index(tier: Any, tiers: Sequence[str] = DEFAULT_TIERS) -> np.ndarray:
+    """Tier names ("low", "medium", "high") or indices (0-2), scalar or array -> float32."""
+    values = np.atleast_1d(np.asarray(tier, dtype=object))
+    out = np.empty(values.shape, dtype=np.float32)
+    lookup = {name: i for i, name in enumerate(tiers)}
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            key = value.strip().lower()
+            if key in lookup:
+                out[i] = lookup[key]
+                continue
+            if key.isdigit() and int(key) < len(tiers):
+                out[i] = int(key)
+                continue
+        elif (
+            isinstance(value, int | np.integer | float | np.floating)
+            and not isinstance(value, bool)
+            and float(value) in range(len(tiers))
+        ):
+            out[i] = float(value)
+            continue
+        raise InputError(f"unknown tier {value!r}: expected one of {', '.join(tiers)} or 0-2")
+    return out
+
+
+def check_inputs(
+    features: Any, output_tokens: Any, n_features: int = 5, name: str = "output_tokens"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous float32 ``features`` [B, n_features] and ``output_tokens`` [B], or InputError.
+
+    ``name`` is what the second input is called in messages (``budget_ms`` for budgets).
+    """
+    try:
+        x = np.asarray(features, dtype=np.float32)
+        n = np.asarray(output_tokens, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"inputs must be numeric arrays ({exc})") from None
+    if x.ndim == 1 and x.shape[0] == n_features:
+        x = x.reshape(1, n_features)
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise InputError(f"features must have shape [B, {n_features}], got {list(x.shape)}")
+    n = n.reshape(-1) if n.ndim <= 1 else n
+    if n.ndim != 1:
+        raise InputError(f"{name} must have shape [B], got {list(n.shape)}")
+    if n.shape[0] == 1 and x.shape[0] > 1:
+        n = np.repeat(n, x.shape[0])
+    if n.shape[0] != x.shape[0]:
+        raise InputError(f"features has {x.shape[0]} rows but {name} has {n.shape[0]}")
+    if x.shape[0] == 0:
+        raise InputError("empty batch")
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise InputError(f"features row {bad[0]} column {bad[1]} is NaN or infinite")
+    if not np.isfinite(n).all():
+        raise InputError(f"{name} row {int(np.argmax(~np.isfinite(n)))} is NaN or infinite")
+    if (n < 0).any():
+        raise InputError(f"{name} row {int(np.argmax(n < 0))} is negative")
+    return np.ascontiguousarray(x), np.ascontiguousarray(n)
+
+
+def _cuda_usable() -> bool:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    # The GPU wheel lists the provider even without a GPU; a device node says one is there.
+    return os.name != "posix" or os.path.exists("/dev/nvidiactl")
+
+
+class LatencyPredictor:
+    """The exported latency predictor, ready for queries.
+
+    Parameters
+    ----------
+    path: the ``latency_predictor.onnx`` file.
+    device: "auto" (CPU for small batches, CUDA for large ones when usable), "cpu", "cuda".
+    threads: CPU threads of the large-batch session (default: all cores).
+    large_batch: batch size from which the large-batch session is used.
+    on_out_of_range: "warn" (flag + ``OutOfRangeWarning``), "flag" (flag only) or "error".
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        large_batch: int = 1024,
+        on_out_of_range: str = "warn",
+    ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        if on_out_of_range not in ("warn", "flag", "error"):
+            raise ValueError(
+                f"on_out_of_range must be warn, flag or error, not {on_out_of_range!r}"
+            )
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such predictor file")
+        self._model_bytes = self.path.read_bytes()
+        self.device = device
+        self.threads = threads
+        self.large_batch = max(1, int(large_batch))
+        self.on_out_of_range = on_out_of_range
+
+        small_cuda = device == "cuda"
+        self._small = self._session(threads=1, cuda=small_cuda)
+        self._large: ort.InferenceSession | None = None
+        meta = self._small.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, Any] = (
+            json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+        )
+        self.feature_names: tuple[str, ...] = tuple(
+            self.metadata.get("feature_names", DEFAULT_FEATURE_NAMES)
+        )
+        self.tiers: tuple[str, ...] = tuple(self.metadata.get("tiers", DEFAULT_TIERS))
+        self.output_names: tuple[str, ...] = tuple(o.name for o in self._small.get_outputs())
+        summary = self.metadata.get("training_summary", {}) or {}
+        ranges = summary.get("feature_ranges", {}) or {}
+        self._low = np.array(
+            [ranges.get(name, [-np.inf, np.inf])[0] for name in self.feature_names], np.float32
+        )
+        self._high = np.array(
+            [ranges.get(name, [-np.inf, np.inf])[1] for name in self.feature_names], np.float32
+        )
+        tokens_range = summary.get("output_tokens_range") or [0, np.inf]
+        self._tokens_high = np.float32(tokens_range[1])
+        self._binding_batch = -1
+        self._binding: Any = None
+        self._in_features = np.empty((0, len(self.feature_names)), dtype=np.float32)
+        self._in_tokens = np.empty(0, dtype=np.float32)
+        self._out_block = np.empty((len(self.output_names), 0), dtype=np.float32)
+        self._budget: ort.InferenceSession | None = None
+
+    # ------------------------------------------------------------------ sessions
+
+    def _session(self, threads: int, cuda: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads != 1:
+            # A controller shares its cores: don't let idle pool threads spin.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if cuda and _cuda_usable():
+            # TF32 would round the decode network's matmuls to 10-bit mantissas (~1e-3).
+            providers: list[Any] = [
+                ("CUDAExecutionProvider", {"use_tf32": "0"}),
+                "CPUExecutionProvider",
+            ]
+            try:
+                return ort.InferenceSession(self._model_bytes, options, providers=providers)
+            except Exception:  # a provider that cannot start (driver, libraries): use the CPU
+                pass
+        return ort.InferenceSession(self._model_bytes, options, providers=["CPUExecutionProvider"])
+
+    def _large_session(self) -> ort.InferenceSession:
+        if self._large is None:
+            threads = self.threads or os.cpu_count() or 1
+            self._large = self._session(threads=threads, cuda=self.device in ("auto", "cuda"))
+        return self._large
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        out = {"small_batch": self._small.get_providers()}
+        if self._large is not None:
+            out["large_batch"] = self._large.get_providers()
+        return out
+
+    # ------------------------------------------------------------------ queries
+
+    def features_from_kwargs(
+        self,
+        *,
+        tier: Any,
+        top_k: Any,
+        num_active_blocks: Any,
+        vision_tokens: Any = None,
+        text_tokens: Any = None,
+    ) -> np.ndarray:
+        """[B, 5] float32 feature matrix from per-column values (scalars broadcast)."""
+        tier_idx = tier_to_index(tier, self.tiers)
+        if vision_tokens is None:
+            defaults = self.metadata.get("default_vision_tokens", DEFAULT_VISION_TOKENS)
+            vision_tokens = np.array([defaults[self.tiers[int(t)]] for t in tier_idx], np.float32)
+        if text_tokens is None:
+            raise InputError("text_tokens is required")
+        columns = {
+            "vision_tokens": vision_tokens,
+            "text_tokens": text_tokens,
+            "tier_idx": tier_idx,
+            "top_k": top_k,
+            "num_active_blocks": num_active_blocks,
+        }
+        arrays = []
+        for name in self.feature_names:
+            try:
+                arrays.append(np.atleast_1d(np.asarray(columns[name], dtype=np.float32)))
+            except (TypeError, ValueError):
+                raise InputError(f"{name} must be numeric, got {columns[name]!r}") from None
+        try:
+            return np.stack(np.broadcast_arrays(*arrays), axis=1)
+        except ValueError:
+            raise InputError("feature columns have different lengths") from None
+
+    def predict(
+        self,
+        features: Any = None,
+        output_tokens: Any = None,
+        **columns: Any,
+    ) -> dict[str, np.ndarray]:
+        """Predict from ``features`` [B, 5] + ``output_tokens`` [B], or from keyword columns.
+
+        Keyword form: ``vision_tokens``, ``text_tokens``, ``tier`` (name or index), ``top_k``,
+        ``num_active_blocks`` (scalars or arrays); vision tokens default from the tier.
+        Returns every output name -> float32 [B], plus ``out_of_range`` (bool [B]).
+        """
+        if features is None:
+            if output_tokens is None:
+                raise InputError("output_tokens is required")
+            unknown = set(columns) - {
+                "vision_tokens",
+                "text_tokens",
+                "tier",
+                "top_k",
+                "num_active_blocks",
+            }
+            if unknown:
+                raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+            missing = [k for k in ("tier", "top_k", "num_active_blocks") if k not in columns]
+            if missing:
+                raise InputError(f"missing argument(s): {', '.join(missing)}")
+            features = self.features_from_kwargs(**columns)
+        elif columns:
+            raise InputError("give either a features matrix or keyword columns, not both")
+        x, n = check_inputs(features, output_tokens, len(self.feature_names))
+        flags = self.out_of_range(x, n)
+        if flags.any():
+            message = self._range_message(x, n, flags)
+            if self.on_out_of_range == "error":
+                raise InputError(message)
+            if self.on_out_of_range == "warn":
+                warnings.warn(message, OutOfRangeWarning, stacklevel=2)
+        out = self.run(x, n)
+        out["out_of_range"] = flags
+        return out
+
+    def out_of_range(self, features: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+        outside = (features < self._low) | (features > self._high)
+        return outside.any(axis=1) | (output_tokens > self._tokens_high)
+
+    def _range_message(self, x: np.ndarray, n: np.ndarray, flags: np.ndarray) -> str:
+        names = [
+            name
+            for f, name in enumerate(self.feature_names)
+            if ((x[:, f] < self._low[f]) | (x[:, f] > self._high[f])).any()
+        ]
+        if (n > self._tokens_high).any():
+            names.append("output_tokens")
+        return (
+            f"{int(flags.sum())} of {len(flags)} rows outside the training range of "
+            f"{', '.join(names)}: predictions there are not extrapolated "
+            "(trees hold the edge value)"
+        )
+
+    def run(self, features: np.ndarray, output_tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Run validated, contiguous float32 inputs (no checks: the hot path)."""
+        batch = features.shape[0]
+        if batch >= self.large_batch:
+            session = self._large_session()
+            values = session.run(None, {"features": features, "output_tokens": output_tokens})
+            return dict(zip(self.output_names, values, strict=True))
+        # Inputs and outputs bound once per batch size to buffers we own: a call then costs
+        # two small copies in, ORT's Run, and one copy out (no OrtValue or array per tensor).
+        if batch != self._binding_batch:
+            self._bind(batch)
+        np.copyto(self._in_features, features)
+        np.copyto(self._in_tokens, output_tokens)
+        self._small.run_with_iobinding(self._binding)
+        block = self._out_block.copy()
+        return dict(zip(self.output_names, block, strict=True))
+
+    def _bind(self, batch: int) -> None:
+        binding = self._small.io_binding()
+        self._in_features = np.empty((batch, len(self.feature_names)), dtype=np.float32)
+        self._in_tokens = np.empty(batch, dtype=np.float32)
+        binding.bind_input(
+            "features",
+            "cpu",
+            0,
+            np.float32,
+            list(self._in_features.shape),
+            self._in_features.ctypes.data,
+        )
+        binding.bind_input(
+            "output_tokens", "cpu", 0, np.float32, [batch], self._in_tokens.ctypes.data
+        )
+        self._out_block = np.empty((len(self.output_names), batch), dtype=np.float32)
+        for row, name in enumerate(self.output_names):
+            binding.bind_output(
+                name, "cpu", 0, np.float32, [batch], self._out_block[row].ctypes.data
+            )
+        self._binding = binding
+        self._binding_batch = batch
+
+    # ------------------------------------------------------------------ budgets
+
+    def feasible(
+        self,
+        features: Any,
+        budget_ms: Any,
+        output_tokens: Any = None,
+        *,
+        safety: float = 0.8,
+        bound: str = "mean",
+    ) -> np.ndarray:
+        """The controller's budget rule per row (the rule of ``toolkit.controller``):
+        prefill (mean or a quantile ``bound``) <= budget x ``safety`` and, when an expected
+        ``output_tokens`` is given, prefill + decode total <= budget."""
+        key = _BOUND_OUTPUTS.get(bound)
+        if key is None:
+            raise InputError(f"bound must be one of {', '.join(_BOUND_OUTPUTS)}, not {bound!r}")
+        x = np.asarray(features, dtype=np.float32)
+        tokens = np.ones(len(x), np.float32) if output_tokens is None else output_tokens
+        out = self.predict(x, np.broadcast_to(np.asarray(tokens, np.float32), (len(x),)))
+        budget = np.broadcast_to(np.asarray(budget_ms, dtype=np.float64), (len(x),))
+        prefill = out[key].astype(np.float64)
+        ok = prefill <= budget * safety
+        if output_tokens is not None:
+            ok &= prefill + out["decode_total_ms"] <= budget
+        return np.asarray(ok)
+
+    def max_output_tokens(self, features: Any, budget_ms: Any) -> dict[str, np.ndarray]:
+        """Largest output length within ``budget_ms`` per row (0: even prefill does not fit),
+        from the exported budget query ``latency_budget.onnx`` beside the predictor:
+        ``max_output_tokens`` (mean prefill), ``max_output_tokens_p90``, ``_p95``."""
+        if self._budget is None:
+            path = self.path.with_name(BUDGET_FILE)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no budget query beside the predictor")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            self._budget = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        x, budget = check_inputs(features, budget_ms, len(self.feature_names), "budget_ms")
+        values = self._budget.run(None, {"features": x, "budget_ms": budget})
+        names = [o.name for o in self._budget.get_outputs()]
+        return {name: np.asarray(v).astype(np.int64) for name, v in zip(names, values, strict=True)}
+
+    def __repr__(self) -> str:
+        return f"LatencyPredictor({str(self.path)!r}, outputs={list(self.output_names)})"
+
+
+def predict_table(predictor: LatencyPredictor, table: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Predict for a column mapping (dict of arrays, e.g. from a CSV reader)."""
+    columns = {
+        k: table[k]
+        for k in ("vision_tokens", "text_tokens", "tier", "top_k", "num_active_blocks")
+        if k in table
+    }
+    return predictor.predict(output_tokens=table["output_tokens"], **columns)

@@ -1,0 +1,229 @@
+"""Compile XGBoost prefill boosters into one exact lookup table.
+
+An ensemble of axis-aligned trees is piecewise constant on the grid whose cells are cut by
+every split threshold the trees use. XGBoost sends a row left iff ``x < t`` with both sides in
+float32, so for one feature the cell of ``x`` is
+
+    bin_f(x) = #{thresholds t of feature f with x >= t}          (0 .. n_f)
+
+and every tree's decision path, hence every output, is constant on a cell. The table is
+filled by asking the *model itself* for one float32 representative point per cell (bin 0:
+the float32 just below the first threshold; bin i: threshold i-1 exactly). Base score,
+``tree_info`` routing of multi-output trees, the target transform and the quantile sort are
+therefore exact by construction, not re-implemented.
+
+At run time the lookup is a handful of ordinary tensor ops (compare, cast, multiply,
+sum, gather) that TorchScript, ONNX and ONNX Runtime's CUDA provider all run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xgboost as xgb
+
+from toolkit.errors import LatkitError
+from toolkit.features import FEATURE_NAMES
+
+#: Largest table we build by default: 2**22 cells x 4 float32 = 64 MiB. Beyond that the
+#: exported file gets large and the fill (one model call per cell) slow.
+DEFAULT_MAX_CELLS = 1 << 22
+#: Hard limit: 2**26 cells x 16 bytes = 1 GiB, half of what one ONNX protobuf can hold.
+HARD_MAX_CELLS = 1 << 26
+
+#: Column order of the table.
+TABLE_COLUMNS: tuple[str, ...] = (
+    "prefill_ms",
+    "prefill_p50_ms",
+    "prefill_p90_ms",
+    "prefill_p95_ms",
+)
+
+# Rows per call when filling the table: bounds the memory of the representative points.
+_FILL_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class PrefillTable:
+    """The compiled prefill model.
+
+    thresholds: per feature, the sorted unique float32 split thresholds.
+    strides: int64 [n_features]; row = sum_f bin_f * strides[f].
+    table: float32 [n_cells, 4] in ``TABLE_COLUMNS`` order.
+    """
+
+    thresholds: tuple[np.ndarray, ...]
+    strides: np.ndarray
+    table: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.table.shape[0])
+
+    def flat_thresholds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The thresholds of all features side by side, as the exported graph uses them.
+
+        Returns float64 ``select`` [F, N] (one-hot: column j copies the feature threshold j
+        belongs to), ``thresholds`` [N] and ``weights`` [N, 1] (the stride of that feature),
+        so that ``((x @ select) >= thresholds) @ weights`` is the row index.
+
+        Why float64: ``x @ select`` is then exact (x*1 + 0*others; a float32 x widens
+        exactly, and comparing widened float32 values is the float32 comparison XGBoost
+        makes), the index sum is exact (integers far below 2**53), and no GPU runs float64
+        matmuls in TF32, which would round x and the strides to 10-bit mantissas.
+        """
+        n_features = len(self.thresholds)
+        n_total = max(1, sum(len(t) for t in self.thresholds))
+        select = np.zeros((n_features, n_total), dtype=np.float64)
+        thresholds = np.full(n_total, np.inf, dtype=np.float64)  # +inf: never counts
+        weights = np.zeros((n_total, 1), dtype=np.float64)
+        j = 0
+        for f, values in enumerate(self.thresholds):
+            n = len(values)
+            select[f, j : j + n] = 1.0
+            thresholds[j : j + n] = values
+            weights[j : j + n] = float(self.strides[f])
+            j += n
+        return select, thresholds, weights
+
+    def bins(self, features: np.ndarray) -> np.ndarray:
+        """Cell coordinate per feature, int64 [B, F] (reference implementation in numpy)."""
+        x = np.asarray(features, dtype=np.float32)
+        return np.stack(
+            [
+                np.searchsorted(t, x[:, f], side="right").astype(np.int64)
+                for f, t in enumerate(self.thresholds)
+            ],
+            axis=1,
+        )
+
+    def lookup(self, features: np.ndarray) -> np.ndarray:
+        """Table rows for ``features`` (float32 [B, F]) -> float32 [B, 4] (numpy reference)."""
+        return self.table[self.bins(features) @ self.strides]
+
+
+def _tree_model(booster: xgb.Booster) -> dict:
+    doc = json.loads(booster.save_raw("json"))
+    gradient_booster = doc["learner"]["gradient_booster"]
+    name = gradient_booster.get("name")
+    if name == "gbtree":
+        return gradient_booster["model"]
+    if name == "dart":
+        return gradient_booster["gbtree"]["model"]
+    raise LatkitError(f"prefill booster uses {name!r}; only tree boosters can be exported")
+
+
+def split_thresholds(boosters: Sequence[xgb.Booster], n_features: int) -> tuple[np.ndarray, ...]:
+    """Every numeric split threshold of every tree of ``boosters``, per feature, float32 sorted.
+
+    Read from the model JSON (never the text dump, which has lost precision before).
+    """
+    per_feature: list[list[np.ndarray]] = [[] for _ in range(n_features)]
+    for booster in boosters:
+        for tree in _tree_model(booster)["trees"]:
+            left = np.asarray(tree["left_children"], dtype=np.int64)
+            internal = left != -1
+            if not internal.any():
+                continue
+            split_type = np.asarray(tree.get("split_type", [0] * len(left)), dtype=np.int64)
+            if (split_type[internal] != 0).any():
+                raise LatkitError("prefill booster has categorical splits; they cannot be exported")
+            feats = np.asarray(tree["split_indices"], dtype=np.int64)[internal]
+            # JSON floats are written round-trippable for float32; parse straight to float32.
+            conds = np.asarray(tree["split_conditions"], dtype=np.float64)[internal].astype(
+                np.float32
+            )
+            if feats.max(initial=0) >= n_features:
+                raise LatkitError(
+                    f"prefill booster splits on feature {int(feats.max())}, expected "
+                    f"{n_features} features ({', '.join(FEATURE_NAMES)})"
+                )
+            for f in range(n_features):
+                per_feature[f].append(conds[feats == f])
+    out = []
+    for chunks in per_feature:
+        values = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise LatkitError("prefill booster has a non-finite split threshold")
+        out.append(np.unique(values.astype(np.float32)))
+    return tuple(out)
+
+
+def representative_points(thresholds: np.ndarray) -> np.ndarray:
+    """One float32 value per bin of a feature: bin 0 just below t0, bin i at t_{i-1}."""
+    if len(thresholds) == 0:
+        return np.zeros(1, dtype=np.float32)
+    below = np.nextafter(thresholds[0], np.float32(-np.inf), dtype=np.float32)
+    return np.concatenate([[below], thresholds]).astype(np.float32)
+
+
+def compile_prefill_table(
+    boosters: Sequence[xgb.Booster],
+    predict: Callable[[np.ndarray], np.ndarray],
+    n_features: int = len(FEATURE_NAMES),
+    max_cells: int = DEFAULT_MAX_CELLS,
+) -> PrefillTable:
+    """Build the table of ``predict`` over the threshold grid of ``boosters``.
+
+    ``predict`` maps float32 [n, F] to [n, 4] (mean, P50, P90, P95 in ms) and must be the
+    very function the Python model serves (so transform and quantile sorting are its own).
+    Refuses grids above ``max_cells`` rather than write an enormous file.
+    """
+    if max_cells > HARD_MAX_CELLS:
+        raise ValueError(f"max_cells {max_cells} above the hard limit {HARD_MAX_CELLS}")
+    thresholds = split_thresholds(boosters, n_features)
+    sizes = [len(t) + 1 for t in thresholds]
+    n_cells = 1
+    for size in sizes:
+        n_cells *= size  # Python int: no overflow while we check the size
+    if n_cells > max_cells:
+        raise LatkitError(
+            f"prefill trees would compile to {n_cells:,} table cells "
+            f"(bins per feature {' x '.join(map(str, sizes))}), above the limit of "
+            f"{max_cells:,}; retrain with a smaller max_bin (e.g. --max-bin 64) or raise the limit"
+        )
+    # Row-major strides, last feature fastest; int64 so the index never overflows.
+    strides = np.ones(n_features, dtype=np.int64)
+    for f in range(n_features - 2, -1, -1):
+        strides[f] = strides[f + 1] * sizes[f + 1]
+
+    reps = [representative_points(t) for t in thresholds]
+    table = np.empty((n_cells, len(TABLE_COLUMNS)), dtype=np.float32)
+    for start in range(0, n_cells, _FILL_CHUNK):
+        stop = min(start + _FILL_CHUNK, n_cells)
+        flat = np.arange(start, stop, dtype=np.int64)
+        points = np.empty((stop - start, n_features), dtype=np.float32)
+        for f in range(n_features):
+            points[:, f] = reps[f][(flat // strides[f]) % sizes[f]]
+        values = np.asarray(predict(points), dtype=np.float32)
+        if values.shape != (stop - start, len(TABLE_COLUMNS)):
+            raise ValueError(f"predict returned shape {values.shape}, expected [n, 4]")
+        table[start:stop] = values
+    if not np.isfinite(table).all():
+        raise LatkitError("prefill model predicts non-finite values on its own split grid")
+    return PrefillTable(thresholds=thresholds, strides=strides, table=table)
+
+
+def booster_predict_fn(
+    booster: xgb.Booster, quantile_booster: xgb.Booster, target_transform: str = "identity"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` for :func:`compile_prefill_table` straight from two boosters.
+
+    Used where no ``PrefillModel`` is at hand (tests). Mirrors the contract: prediction =
+    f(margin), f = exp for "log"; quantiles sorted so P50 <= P90 <= P95.
+    """
+    if target_transform not in ("identity", "log"):
+        raise LatkitError(f"unknown target_transform {target_transform!r}")
+
+    def predict(points: np.ndarray) -> np.ndarray:
+        mean = np.asarray(booster.inplace_predict(points), dtype=np.float32).reshape(-1, 1)
+        quant = np.asarray(quantile_booster.inplace_predict(points), dtype=np.float32)
+        quant = quant.reshape(len(points), -1)
+        if target_transform == "log":
+            mean, quant = np.exp(mean), np.exp(quant)
+        return np.concatenate([mean, np.sort(quant, axis=1)], axis=1)
+
+    return predict

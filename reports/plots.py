@@ -1,0 +1,669 @@
+"""Figures of ``latkit plot``: how a latency model's predictions compare with measurements.
+
+Headless by construction: figures are ``matplotlib.figure.Figure`` objects rendered by the Agg
+canvas, never pyplot, so no display or global backend is touched. Every file is written
+atomically.
+
+``make_plots(model, samples, steps, output_dir)`` writes:
+
+- ``scatter_plots.png`` — prefill and decode per-token, predicted vs actual, with the diagonal
+- ``error_distributions.png`` — histograms of prediction errors (prefill, decode total, per token)
+- ``errors_by_tier.png``, ``errors_by_topk.png``, ``errors_by_blocks.png`` — absolute
+  percentage error per knob value (prefill and decode total)
+- ``decode_total_scatter.png`` — decode total predicted vs actual, coloured by passes
+- ``decode_pass_curve.png`` — measured vs predicted time of decode pass k for a few
+  configurations (needs the steps frame and ``predict_decode_passes``)
+- ``residuals_vs_output_tokens.png`` — decode residuals against the answer length
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from reports.baselines import decode_passes
+from reports.metrics import regression_metrics
+from toolkit.atomic import atomic_path
+from toolkit.features import TIERS, feature_matrix
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FIGURE_NAMES", "PlotData", "make_plots", "prepare_plot_data", "run_plots"]
+
+FIGURE_NAMES: tuple[str, ...] = (
+    "scatter_plots.png",
+    "error_distributions.png",
+    "errors_by_tier.png",
+    "errors_by_topk.png",
+    "errors_by_blocks.png",
+    "decode_total_scatter.png",
+    "decode_pass_curve.png",
+    "residuals_vs_output_tokens.png",
+)
+
+TIER_COLOURS: dict[str, str] = {"low": "tab:blue", "medium": "tab:orange", "high": "tab:red"}
+DPI = 110
+
+
+class PlotModel(Protocol):
+    def predict_frame(self, samples: pl.DataFrame) -> Mapping[str, np.ndarray]: ...
+
+
+class PlotData:
+    """Samples, their predictions and the derived arrays every figure uses."""
+
+    def __init__(self, samples: pl.DataFrame, predictions: Mapping[str, np.ndarray]) -> None:
+        self.samples = samples
+        self.tier = samples["tier"].to_numpy().astype(str)
+        self.top_k = samples["top_k"].to_numpy()
+        self.blocks = samples["num_active_blocks"].to_numpy()
+        self.output_tokens = samples["output_tokens"].to_numpy()
+        self.passes = decode_passes(samples)
+        self.has_decode = self.passes > 0
+        self.prefill_true = samples["T_prefill_total"].to_numpy().astype(np.float64)
+        self.prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
+        self.decode_true = samples["T_LLM_decode"].to_numpy().astype(np.float64)
+        self.decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
+        safe = np.maximum(self.passes, 1.0)
+        self.per_token_true = np.where(self.has_decode, self.decode_true / safe, np.nan)
+        self.per_token_pred = np.where(self.has_decode, self.decode_pred / safe, np.nan)
+
+
+def prepare_plot_data(
+    model: PlotModel, samples: pl.DataFrame, max_samples: int | None = 10000, seed: int = 0
+) -> PlotData:
+    """Predict on ``samples`` (a seeded random subset of ``max_samples`` when larger)."""
+    if max_samples is not None and samples.height > max_samples:
+        samples = samples.sample(n=max_samples, seed=seed)
+    return PlotData(samples, model.predict_frame(samples))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+
+
+def _diagonal(ax: Axes, true: np.ndarray, pred: np.ndarray) -> None:
+    values = np.concatenate([true, pred])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return
+    low, high = float(values.min()), float(values.max())
+    pad = (high - low) * 0.03 or 1.0
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1, label="perfect (y = x)")
+    ax.set_xlim(low - pad, high + pad)
+    ax.set_ylim(low - pad, high + pad)
+
+
+def _metrics_text(true: np.ndarray, pred: np.ndarray) -> str:
+    m = regression_metrics(true, pred)
+    return (
+        f"n = {m['n']}\nMAE = {m['mae_ms']:.2f} ms\nMAPE = {m['mape_pct']:.1f} %\n"
+        f"R² = {m['r2']:.3f}"
+    )
+
+
+def _text_box(ax: Axes, text: str) -> None:
+    ax.text(
+        0.03,
+        0.97,
+        text,
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=9,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
+    )
+
+
+def _scatter_by_tier(
+    ax: Axes, data: PlotData, true: np.ndarray, pred: np.ndarray, mask: np.ndarray
+) -> None:
+    for tier in TIERS:
+        sel = mask & (data.tier == tier)
+        if sel.any():
+            ax.scatter(
+                true[sel],
+                pred[sel],
+                s=10,
+                alpha=0.5,
+                color=TIER_COLOURS[tier],
+                label=f"tier {tier}",
+                edgecolors="none",
+            )
+    _diagonal(ax, true[mask], pred[mask])
+    if mask.any():
+        _text_box(ax, _metrics_text(true[mask], pred[mask]))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _no_data(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def plot_scatter(data: PlotData, path: Path) -> None:
+    fig = Figure(figsize=(13, 6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    everything = np.ones(data.prefill_true.size, dtype=bool)
+    _scatter_by_tier(left, data, data.prefill_true, data.prefill_pred, everything)
+    left.set_title("Prefill latency (vision + LLM prefill): predicted vs actual")
+    left.set_xlabel("actual prefill latency (ms)")
+    left.set_ylabel("predicted prefill latency (ms)")
+    if data.has_decode.any():
+        _scatter_by_tier(right, data, data.per_token_true, data.per_token_pred, data.has_decode)
+    else:
+        _no_data(right, "no samples with decode passes")
+    right.set_title("Decode latency per token (mean of one pass): predicted vs actual")
+    right.set_xlabel("actual decode time per pass (ms)")
+    right.set_ylabel("predicted decode time per pass (ms)")
+    fig.suptitle(f"Predicted vs measured latency ({data.samples.height} samples)")
+    _save(fig, path)
+
+
+def _histogram(ax: Axes, errors: np.ndarray, title: str, xlabel: str, colour: str) -> None:
+    errors = errors[np.isfinite(errors)]
+    if errors.size == 0:
+        _no_data(ax, "no samples")
+        ax.set_title(title)
+        return
+    low, high = np.percentile(errors, [0.5, 99.5])
+    if high <= low:
+        low, high = low - 1.0, high + 1.0
+    clipped = np.clip(errors, low, high)
+    ax.hist(clipped, bins=50, color=colour, alpha=0.75, edgecolor="white", linewidth=0.4)
+    ax.axvline(0.0, color="k", lw=1, ls="--", label="zero error")
+    mean = float(np.mean(errors))
+    ax.axvline(mean, color="tab:red", lw=1.2, label=f"mean {mean:+.2f}")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    p95 = float(np.percentile(np.abs(errors), 95))
+    _text_box(
+        ax,
+        f"n = {errors.size}\nmedian = {np.median(errors):+.2f}\n"
+        f"std = {np.std(errors):.2f}\n|err| P95 = {p95:.2f}",
+    )
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_error_distributions(data: PlotData, path: Path) -> None:
+    fig = Figure(figsize=(16, 9), layout="constrained")
+    axes = fig.subplots(2, 3)
+    has = data.has_decode
+    prefill_err = data.prefill_pred - data.prefill_true
+    decode_err = (data.decode_pred - data.decode_true)[has]
+    token_err = (data.per_token_pred - data.per_token_true)[has]
+    _histogram(axes[0, 0], prefill_err, "Prefill error", "predicted - actual (ms)", "tab:blue")
+    _histogram(
+        axes[0, 1],
+        decode_err,
+        "Decode total error (samples with passes)",
+        "predicted - actual (ms)",
+        "tab:green",
+    )
+    _histogram(
+        axes[0, 2],
+        token_err,
+        "Decode per-token error",
+        "predicted - actual (ms per pass)",
+        "tab:purple",
+    )
+
+    def relative(err: np.ndarray, true: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(true > 0, err / true * 100.0, np.nan)
+
+    _histogram(
+        axes[1, 0],
+        relative(prefill_err, data.prefill_true),
+        "Prefill relative error",
+        "(predicted - actual) / actual (%)",
+        "tab:blue",
+    )
+    _histogram(
+        axes[1, 1],
+        relative(decode_err, data.decode_true[has]),
+        "Decode total relative error",
+        "(predicted - actual) / actual (%)",
+        "tab:green",
+    )
+    _histogram(
+        axes[1, 2],
+        relative(token_err, data.per_token_true[has]),
+        "Decode per-token relative error",
+        "(predicted - actual) / actual (%)",
+        "tab:purple",
+    )
+    fig.suptitle(
+        "Distribution of prediction errors (tails beyond P0.5/P99.5 clipped into the edge bins)"
+    )
+    _save(fig, path)
+
+
+def _ape(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(true > 0, np.abs(pred - true) / true * 100.0, np.nan)
+
+
+def _boxes_by(
+    ax: Axes,
+    keys: np.ndarray,
+    order: Sequence[Any],
+    values: np.ndarray,
+    title: str,
+    xlabel: str,
+    colour: str,
+) -> None:
+    groups, labels = [], []
+    for key in order:
+        sel = (keys == key) & np.isfinite(values)
+        if sel.any():
+            groups.append(values[sel])
+            labels.append(f"{key}\n(n={int(sel.sum())})")
+    if not groups:
+        _no_data(ax, "no samples")
+        ax.set_title(title)
+        return
+    box = ax.boxplot(
+        groups,
+        tick_labels=labels,
+        showfliers=False,
+        patch_artist=True,
+        medianprops={"color": "black"},
+    )
+    for patch in box["boxes"]:
+        patch.set_facecolor(colour)
+        patch.set_alpha(0.5)
+    means = [float(np.mean(g)) for g in groups]
+    ax.plot(range(1, len(groups) + 1), means, "D", color="tab:red", ms=6, label="mean")
+    for i, mean in enumerate(means, start=1):
+        ax.annotate(
+            f"{mean:.1f}%",
+            (i, mean),
+            textcoords="offset points",
+            xytext=(0, 9),
+            fontsize=8,
+            ha="center",
+            color="tab:red",
+        )
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("absolute error (% of actual)")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def plot_errors_by(
+    data: PlotData,
+    path: Path,
+    keys: np.ndarray,
+    order: Sequence[Any],
+    knob: str,
+    xlabel: str,
+) -> None:
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _boxes_by(
+        left,
+        keys,
+        order,
+        _ape(data.prefill_pred, data.prefill_true),
+        f"Prefill error by {knob}",
+        xlabel,
+        "tab:blue",
+    )
+    decode_ape = np.where(data.has_decode, _ape(data.decode_pred, data.decode_true), np.nan)
+    _boxes_by(
+        right,
+        keys,
+        order,
+        decode_ape,
+        f"Decode total error by {knob} (samples with passes)",
+        xlabel,
+        "tab:green",
+    )
+    fig.suptitle(
+        f"Absolute percentage error by {knob} (boxes: quartiles, whiskers 1.5 IQR, outliers hidden)"
+    )
+    _save(fig, path)
+
+
+def plot_decode_total_scatter(data: PlotData, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    has = data.has_decode
+    if has.any():
+        points = ax.scatter(
+            data.decode_true[has],
+            data.decode_pred[has],
+            c=data.passes[has],
+            cmap="viridis",
+            s=10,
+            alpha=0.6,
+            edgecolors="none",
+        )
+        fig.colorbar(points, ax=ax, label="decode passes (output tokens - 1)")
+        _diagonal(ax, data.decode_true[has], data.decode_pred[has])
+        _text_box(ax, _metrics_text(data.decode_true[has], data.decode_pred[has]))
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        _no_data(ax, "no samples with decode passes")
+    ax.set_title("Decode total latency (all passes): predicted vs actual")
+    ax.set_xlabel("actual decode total (ms)")
+    ax.set_ylabel("predicted decode total (ms)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def pick_curve_configs(samples: pl.DataFrame, steps: pl.DataFrame, n_configs: int = 4) -> list[str]:
+    """Configurations for the pass curve: the longest measured sequences, spread over tiers.
+
+    Prefers configurations whose samples reach the most passes (a curve needs length), one per
+    tier first, then the next longest.
+    """
+    if steps.height == 0:
+        return []
+    per_sample = steps.group_by("sample_key").agg(pl.col("k").max().alias("max_k"))
+    joined = samples.select("sample_key", "config", "tier").join(per_sample, on="sample_key")
+    ranked = (
+        joined.group_by("config", "tier")
+        .agg(pl.col("max_k").quantile(0.75).alias("reach"), pl.len().alias("n"))
+        .filter(pl.col("reach") >= 2)
+        .sort(["reach", "n", "config"], descending=[True, True, False])
+    )
+    chosen: list[str] = []
+    for tier in TIERS:
+        row = ranked.filter(pl.col("tier") == tier).head(1)
+        if row.height:
+            chosen.append(str(row["config"][0]))
+    for config in ranked["config"].to_list():
+        if len(chosen) >= n_configs:
+            break
+        if config not in chosen:
+            chosen.append(str(config))
+    return chosen[:n_configs]
+
+
+def plot_decode_pass_curve(
+    model: Any,
+    samples: pl.DataFrame,
+    steps: pl.DataFrame | None,
+    path: Path,
+    n_configs: int = 4,
+    min_samples_per_k: int = 3,
+) -> None:
+    """Mean measured vs mean predicted time of pass k, per configuration.
+
+    Both sides average over the same samples at each k (each sample predicted with its own
+    features), so the two curves are directly comparable; the band is the measured P10-P90.
+    """
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    ax = fig.subplots()
+    predict_passes: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = getattr(
+        model, "predict_decode_passes", None
+    )
+    configs = [] if steps is None else pick_curve_configs(samples, steps, n_configs)
+    if not configs or predict_passes is None:
+        reason = (
+            "no per-pass timings (T_decode_per_step) in these results"
+            if not configs
+            else "the model has no predict_decode_passes"
+        )
+        _no_data(ax, reason)
+        ax.set_title("Decode pass time vs pass index")
+        _save(fig, path)
+        return
+    assert steps is not None
+    colours = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown"]
+    for i, config in enumerate(configs):
+        colour = colours[i % len(colours)]
+        chosen = samples.filter(pl.col("config") == config)
+        config_steps = steps.join(
+            chosen.select("sample_key").with_row_index("_row"), on="sample_key"
+        )
+        rows = config_steps["_row"].to_numpy().astype(np.int64)
+        k = config_steps["k"].to_numpy().astype(np.int64)
+        measured = config_steps["T_decode_pass"].to_numpy()
+        max_k = int(k.max())
+        ks = np.arange(1, max_k + 1, dtype=np.float32)
+        predicted_all = np.asarray(predict_passes(feature_matrix(chosen), ks), dtype=np.float64)
+        predicted = predicted_all[rows, k - 1]
+        frame = pl.DataFrame({"k": k, "measured": measured, "predicted": predicted})
+        curve = (
+            frame.group_by("k")
+            .agg(
+                pl.len().alias("n"),
+                pl.col("measured").mean().alias("m_mean"),
+                pl.col("measured").quantile(0.1).alias("m_p10"),
+                pl.col("measured").quantile(0.9).alias("m_p90"),
+                pl.col("predicted").mean().alias("p_mean"),
+            )
+            .filter(pl.col("n") >= min(min_samples_per_k, chosen.height))
+            .sort("k")
+        )
+        if curve.height == 0:
+            continue
+        x = curve["k"].to_numpy()
+        ax.fill_between(
+            x,
+            curve["m_p10"].to_numpy(),
+            curve["m_p90"].to_numpy(),
+            color=colour,
+            alpha=0.12,
+            linewidth=0,
+        )
+        ax.plot(
+            x,
+            curve["m_mean"].to_numpy(),
+            "o",
+            color=colour,
+            ms=4,
+            label=f"{config}: measured (n={chosen.height})",
+        )
+        ax.plot(
+            x, curve["p_mean"].to_numpy(), "-", color=colour, lw=2, label=f"{config}: predicted"
+        )
+    ax.set_title(
+        "Decode pass time vs pass index k: measured mean (dots, P10-P90 band) vs "
+        "predicted (lines)\nconfig = <tier>_<top_k>_<active blocks>"
+    )
+    ax.set_xlabel("decode pass k (KV cache = prompt + k tokens)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("time of decode pass k (ms)")
+    ax.legend(fontsize=8, ncols=2, loc="best")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _binned_median(x: np.ndarray, y: np.ndarray, n_bins: int = 12) -> tuple[np.ndarray, ...]:
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)))
+    if edges.size < 2:
+        return np.array([np.median(x)]), np.array([np.median(y)]), np.array([0.0]), np.array([0.0])
+    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, edges.size - 2)
+    centres, medians, p25, p75 = [], [], [], []
+    for b in range(edges.size - 1):
+        sel = idx == b
+        if sel.sum() >= 3:
+            centres.append(float(np.median(x[sel])))
+            medians.append(float(np.median(y[sel])))
+            p25.append(float(np.percentile(y[sel], 25)))
+            p75.append(float(np.percentile(y[sel], 75)))
+    return np.array(centres), np.array(medians), np.array(p25), np.array(p75)
+
+
+def plot_residuals_vs_output_tokens(data: PlotData, path: Path) -> None:
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    has = data.has_decode
+    tokens = data.output_tokens[has].astype(np.float64)
+    panels = [
+        (
+            left,
+            (data.decode_pred - data.decode_true)[has],
+            "Decode total residual",
+            "predicted - actual decode total (ms)",
+        ),
+        (
+            right,
+            (data.per_token_pred - data.per_token_true)[has],
+            "Decode per-token residual",
+            "predicted - actual time per pass (ms)",
+        ),
+    ]
+    for ax, residual, title, ylabel in panels:
+        if not has.any():
+            _no_data(ax, "no samples with decode passes")
+            ax.set_title(title)
+            continue
+        jitter = np.random.default_rng(0).uniform(-0.25, 0.25, tokens.size)
+        for tier in TIERS:
+            sel = data.tier[has] == tier
+            if sel.any():
+                ax.scatter(
+                    tokens[sel] + jitter[sel],
+                    residual[sel],
+                    s=8,
+                    alpha=0.35,
+                    color=TIER_COLOURS[tier],
+                    label=f"tier {tier}",
+                    edgecolors="none",
+                )
+        centres, medians, p25, p75 = _binned_median(tokens, residual)
+        ax.fill_between(
+            centres, p25, p75, color="black", alpha=0.12, linewidth=0, label="binned IQR"
+        )
+        ax.plot(centres, medians, "k-o", ms=4, lw=1.5, label="binned median")
+        ax.axhline(0.0, color="k", lw=1, ls="--")
+        ax.set_title(f"{title} vs answer length")
+        ax.set_xlabel("output tokens (answer length, EOS included)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        "Decode residuals against output length (a trend means the pass-time growth "
+        "with k is mis-modelled)"
+    )
+    _save(fig, path)
+
+
+def make_plots(
+    model: Any,
+    samples: pl.DataFrame,
+    steps: pl.DataFrame | None,
+    output_dir: str | Path,
+    *,
+    max_samples: int | None = 10000,
+    seed: int = 0,
+    n_curve_configs: int = 4,
+) -> list[Path]:
+    """Write all figures of ``FIGURE_NAMES`` into ``output_dir``; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_plot_data(model, samples, max_samples=max_samples, seed=seed)
+    if steps is not None and data.samples.height < samples.height:
+        steps = steps.join(data.samples.select("sample_key"), on="sample_key", how="semi")
+    paths = {name: out / name for name in FIGURE_NAMES}
+    plot_scatter(data, paths["scatter_plots.png"])
+    plot_error_distributions(data, paths["error_distributions.png"])
+    plot_errors_by(
+        data,
+        paths["errors_by_tier.png"],
+        data.tier,
+        TIERS,
+        "tier",
+        "image tier (low 1-3 crops, medium 4-8, high 9-15)",
+    )
+    plot_errors_by(
+        data,
+        paths["errors_by_topk.png"],
+        data.top_k,
+        sorted(set(data.top_k.tolist())),
+        "top_k",
+        "top_k (MoE experts per token)",
+    )
+    plot_errors_by(
+        data,
+        paths["errors_by_blocks.png"],
+        data.blocks,
+        sorted(set(data.blocks.tolist())),
+        "active blocks",
+        "active decoder blocks (of 16)",
+    )
+    plot_decode_total_scatter(data, paths["decode_total_scatter.png"])
+    plot_decode_pass_curve(
+        model, data.samples, steps, paths["decode_pass_curve.png"], n_configs=n_curve_configs
+    )
+    plot_residuals_vs_output_tokens(data, paths["residuals_vs_output_tokens.png"])
+    for path in paths.values():
+        log.info("Wrote %s", path)
+    return list(paths.values())
+
+
+def run_plots(
+    checkpoint: str | Path,
+    results_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    dataset_names: Sequence[str] | None = None,
+    use_all_datasets: bool = True,
+    outlier_ms: float = 60.0,
+    outlier_rel: float | None = None,
+    max_samples: int | None = 10000,
+    seed: int = 0,
+    held_out_only: bool = False,
+) -> list[Path]:
+    """Load the model and the samples, write the figures; the one function `latkit plot` calls.
+
+    ``held_out_only`` drops the samples of the checkpoint's training split first (as in
+    ``latkit evaluate --held-out-only``).
+    """
+    from reports.evaluation import drop_training_samples, load_checkpoint, model_training_data
+    from toolkit.data import load_results
+    from toolkit.errors import LatkitError
+
+    model = load_checkpoint(checkpoint)
+    loaded = load_results(
+        results_dir,
+        dataset_names=list(dataset_names) if dataset_names else None,
+        use_all_datasets=use_all_datasets,
+        outlier_ms=outlier_ms,
+        outlier_rel=outlier_rel,
+    )
+    samples = loaded.samples
+    if held_out_only:
+        training = model_training_data(model, Path(checkpoint))
+        if training is None:
+            raise LatkitError(
+                f"{Path(checkpoint) / 'training_data.parquet'} not found: "
+                "cannot tell which samples were held out"
+            )
+        samples, dropped = drop_training_samples(samples, training)
+        log.info(
+            "Held-out only: dropped %d samples of the training split, %d left",
+            dropped,
+            samples.height,
+        )
+        if samples.height == 0:
+            raise LatkitError("no held-out samples left to plot")
+    return make_plots(model, samples, loaded.steps, output_dir, max_samples=max_samples, seed=seed)

@@ -1,0 +1,396 @@
+"""Hybrid latency model: decode basis algebra, training losses, fit/predict/save/load, refusal
+of bad artifacts, monotonicity, determinism and splits. Small seeded data, a few seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from synthetic import make_samples, write_results_dir
+
+from toolkit.data import load_results
+from toolkit.errors import LatkitError
+from toolkit.features import FEATURE_NAMES, PREFILL_MONOTONE
+from toolkit.models import (
+    N_BASIS,
+    DecodeNet,
+    HybridLatencyModel,
+    decode_basis,
+    decode_basis_prefix_sum,
+    decode_outputs,
+)
+from toolkit.models.hybrid import _build_decode_data, decode_loss_terms
+from toolkit.training import split_samples
+
+# Small, quick trees: the tests check behaviour, not accuracy.
+FAST_PREFILL = {"n_estimators": 150, "quantile_n_estimators": 60, "early_stopping_rounds": 15}
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> tuple[pl.DataFrame, pl.DataFrame]:
+    root = tmp_path_factory.mktemp("results")
+    write_results_dir(root, make_samples(n_per_config=3, seed=1))
+    loaded = load_results(root, cache=False)
+    return loaded.samples, loaded.steps
+
+
+def _fit(
+    samples: pl.DataFrame, steps: pl.DataFrame, seed: int = 3407, epochs: int = 4
+) -> HybridLatencyModel:
+    train, val = split_samples(samples, "sample", 0.2, seed)
+    keys = pl.col("sample_key")
+    return HybridLatencyModel(
+        device="cpu", seed=seed, num_epochs=epochs, prefill_params=FAST_PREFILL
+    ).fit(
+        train,
+        steps.filter(keys.is_in(train["sample_key"].implode())),
+        val_samples=val,
+        val_steps=steps.filter(keys.is_in(val["sample_key"].implode())),
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(frames: tuple[pl.DataFrame, pl.DataFrame]) -> HybridLatencyModel:
+    return _fit(*frames)
+
+
+@pytest.fixture(scope="module")
+def saved(fitted: HybridLatencyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model") / "model"
+    fitted.save(directory)
+    return directory
+
+
+# -- decode basis --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prefix_sum_equals_explicit_sum(dtype: torch.dtype) -> None:
+    for m in [0, 1, 2, 3, 7, 8, 63, 64, 65, 200, 1000, 4096]:
+        explicit = decode_basis(torch.arange(1, m + 1, dtype=torch.float64)).sum(0)
+        closed = decode_basis_prefix_sum(torch.tensor(float(m), dtype=dtype)).double()
+        assert closed.shape == (N_BASIS,)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(closed, explicit, rtol=tol, atol=tol)
+
+
+def test_prefix_sum_is_zero_for_no_passes() -> None:
+    out = decode_basis_prefix_sum(torch.tensor([-3.0, -1.0, 0.0]))
+    assert torch.equal(out, torch.zeros(3, N_BASIS))
+
+
+def test_decode_outputs_equal_sum_of_pass_times() -> None:
+    torch.manual_seed(0)
+    coef = torch.rand(6, N_BASIS, dtype=torch.float64) * 5
+    tokens = torch.tensor([0.0, 1.0, 2.0, 3.0, 17.0, 300.0], dtype=torch.float64)
+    total, per_token = decode_outputs(coef, tokens)
+    for i, n in enumerate(tokens.tolist()):
+        passes = max(int(n) - 1, 0)
+        explicit = (coef[i] * decode_basis(torch.arange(1, passes + 1, dtype=torch.float64))).sum()
+        torch.testing.assert_close(total[i], explicit, rtol=1e-12, atol=1e-12)
+        expected_pt = explicit / passes if passes else torch.zeros((), dtype=torch.float64)
+        torch.testing.assert_close(per_token[i], expected_pt, rtol=1e-12, atol=1e-12)
+    assert per_token[0] == 0 and per_token[1] == 0
+
+
+def test_decode_net_positive_and_non_decreasing_in_k() -> None:
+    torch.manual_seed(0)
+    net = DecodeNet()
+    features = torch.tensor([[288.0, 40.0, 0.0, 4.0, 8.0], [2304.0, 300.0, 2.0, 12.0, 16.0]])
+    coef = net(features)
+    assert coef.shape == (2, N_BASIS) and bool((coef >= 0).all())
+    passes = (coef.unsqueeze(1) * decode_basis(torch.arange(1.0, 400.0)).unsqueeze(0)).sum(-1)
+    assert bool((passes > 0).all())
+    assert bool((passes[:, 1:] >= passes[:, :-1]).all())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_decode_functions_are_torchscript_able() -> None:
+    scripted = torch.jit.script(DecodeNet())
+    x = torch.tensor([[288.0, 40.0, 0.0, 4.0, 8.0]])
+    assert scripted(x).shape == (1, N_BASIS)
+    fn = torch.jit.script(decode_outputs)
+    total, _ = fn(torch.ones(1, N_BASIS), torch.tensor([5.0]))
+    expected, _ = decode_outputs(torch.ones(1, N_BASIS), torch.tensor([5.0]))
+    torch.testing.assert_close(total, expected)
+
+
+# -- training losses -----------------------------------------------------------------------
+
+
+def test_per_pass_loss_equals_flat_per_step_mse(frames: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    """The sufficient-statistics loss matches the explicit flat per-step MSE, value and grad."""
+    samples, steps = frames
+    samples = samples.head(40)
+    steps = steps.join(samples.select("sample_key"), on="sample_key", how="semi")
+    scale = 3.0
+    data = _build_decode_data(samples, steps, scale)
+    assert data.n_steps == steps.height
+    torch.manual_seed(0)
+    coef = (torch.rand(data.n, N_BASIS) * 4).requires_grad_(True)
+    _, pass_loss, count = decode_loss_terms(coef, data.packed, scale)
+    assert int(count) == steps.height
+    pass_loss.backward()
+    grad = coef.grad.clone()  # type: ignore[union-attr]
+
+    usable = samples.with_row_index("_row").filter(pl.col("n_decode_passes") > 0)
+    pos = usable.select("sample_key").with_row_index("_pos")
+    flat = steps.join(pos, on="sample_key")
+    rows = torch.from_numpy(flat["_pos"].to_numpy().astype(np.int64))
+    k = torch.from_numpy(flat["k"].to_numpy().astype(np.float32))
+    t = torch.from_numpy(flat["T_decode_pass"].to_numpy().astype(np.float32))
+    coef2 = coef.detach().clone().requires_grad_(True)
+    pred = (coef2[rows] * decode_basis(k)).sum(-1)
+    flat_loss = (((pred - t) / scale) ** 2).mean()
+    flat_loss.backward()
+    torch.testing.assert_close(pass_loss, flat_loss, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(grad, coef2.grad, rtol=2e-3, atol=1e-5)
+
+
+def test_summed_sequence_loss_matches_explicit(frames: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    samples, _ = frames
+    samples = samples.head(30).filter(pl.col("n_decode_passes") > 0)
+    data = _build_decode_data(samples, None, 2.0)
+    coef = torch.rand(data.n, N_BASIS, dtype=torch.float32) * 3
+    seq_loss, _, _ = decode_loss_terms(coef, data.packed, 2.0)
+    errs = []
+    for i, row in enumerate(samples.iter_rows(named=True)):  # the per-sample reference loop
+        n = row["n_decode_passes"]
+        pred = float((coef[i] * decode_basis(torch.arange(1.0, n + 1))).sum())
+        errs.append(((pred - row["T_LLM_decode"]) / (2.0 * n)) ** 2)
+    assert float(seq_loss) == pytest.approx(float(np.mean(errs)), rel=1e-4)
+    log_loss, _, _ = decode_loss_terms(coef, data.packed, 2.0, "log")
+    log_errs = []
+    for i, row in enumerate(samples.iter_rows(named=True)):
+        pred = float((coef[i] * decode_basis(torch.arange(1.0, row["n_decode_passes"] + 1))).sum())
+        log_errs.append((np.log(pred) - np.log(row["T_LLM_decode"])) ** 2)
+    assert float(log_loss) == pytest.approx(float(np.mean(log_errs)), rel=1e-4)
+
+
+# -- model ---------------------------------------------------------------------------------
+
+
+def test_predict_outputs(
+    fitted: HybridLatencyModel, frames: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    samples, _ = frames
+    pred = fitted.predict_frame(samples)
+    keys = {
+        "prefill_ms",
+        "decode_total_ms",
+        "decode_per_token_ms",
+        "total_ms",
+        "prefill_p50_ms",
+        "prefill_p90_ms",
+        "prefill_p95_ms",
+    }
+    assert set(pred) == keys
+    for value in pred.values():
+        assert value.shape == (samples.height,) and np.isfinite(value).all()
+    np.testing.assert_allclose(pred["total_ms"], pred["prefill_ms"] + pred["decode_total_ms"])
+    one = samples["output_tokens"].to_numpy() <= 1
+    assert (pred["decode_total_ms"][one] == 0).all()
+    assert (pred["decode_per_token_ms"][one] == 0).all()
+    assert (pred["prefill_p50_ms"] <= pred["prefill_p90_ms"]).all()
+    assert (pred["prefill_p90_ms"] <= pred["prefill_p95_ms"]).all()
+    metrics = fitted.manifest["validation_metrics"]
+    assert metrics["prefill"]["mape_pct"] < 15  # a few trees on 190 samples: loose bound
+
+
+def test_predict_decode_passes_sum_to_total(fitted: HybridLatencyModel) -> None:
+    x = np.array([[432.0, 50.0, 0.0, 8.0, 12.0], [1728.0, 90.0, 2.0, 4.0, 16.0]], np.float32)
+    passes = fitted.predict_decode_passes(x, np.arange(1, 12))
+    assert passes.shape == (2, 11)
+    assert (np.diff(passes, axis=1) >= -1e-6).all() and (passes > 0).all()
+    total = fitted.predict(x, np.array([12.0, 12.0]))["decode_total_ms"]
+    np.testing.assert_allclose(passes.sum(1), total, rtol=1e-5)
+    per_row = fitted.predict_decode_passes(x, np.array([[1, 2], [3, 4]]))
+    np.testing.assert_allclose(per_row, np.array([passes[0, :2], passes[1, 2:4]]), rtol=1e-6)
+
+
+def test_prefill_heads_monotone(fitted: HybridLatencyModel) -> None:
+    """Grid sweep of every constrained feature: no head may decrease (mean, P50, P90, P95)."""
+    rng = np.random.default_rng(0)
+    base = np.column_stack(
+        [
+            rng.choice([288, 432, 864, 1296, 2016], 40),
+            rng.integers(20, 120, 40),
+            rng.integers(0, 3, 40),
+            rng.choice([4, 8, 12], 40),
+            rng.choice([8, 12, 16], 40),
+        ]
+    ).astype(np.float32)
+    sweeps = {
+        0: np.linspace(144, 2304, 40),
+        1: np.linspace(0, 400, 60),
+        3: np.arange(1, 17),
+        4: np.arange(1, 17),
+    }
+    for j, values in sweeps.items():
+        assert PREFILL_MONOTONE[j] == 1
+        grid = np.repeat(base, len(values), axis=0)
+        grid[:, j] = np.tile(values, len(base))
+        mean = fitted.prefill.predict(grid).reshape(len(base), -1)
+        quant = fitted.prefill.predict_quantiles(grid).reshape(len(base), len(values), 3)
+        assert (np.diff(mean, axis=1) >= 0).all(), FEATURE_NAMES[j]
+        assert (np.diff(quant, axis=1) >= 0).all(), FEATURE_NAMES[j]
+
+
+def test_save_load_round_trip(
+    fitted: HybridLatencyModel, saved: Path, frames: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    samples, _ = frames
+    loaded = HybridLatencyModel.load(saved)
+    before, after = fitted.predict_frame(samples), loaded.predict_frame(samples)
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["format"] == "latkit-hybrid"
+    assert manifest["feature_names"] == list(FEATURE_NAMES)
+    assert manifest["target_transform"] in ("log", "identity")
+    assert set(manifest["files"]) == {
+        "prefill.ubj",
+        "prefill_quantiles.ubj",
+        "decode_net.safetensors",
+        "training_data.parquet",
+    }
+    summary = manifest["training_summary"]
+    assert summary["n_train"] + summary["n_val"] == samples.height
+    assert set(summary["feature_ranges"]) == set(FEATURE_NAMES)
+    data = pl.read_parquet(saved / "training_data.parquet")
+    assert data.height == summary["n_train"]
+    assert {*FEATURE_NAMES, "T_prefill_total", "T_LLM_decode", "output_tokens"} <= set(data.columns)
+    assert not list(saved.parent.glob(".*tmp"))  # atomic save leaves no temp dir behind
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for item in src.iterdir():
+        (dst / item.name).write_bytes(item.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "prefill.ubj",
+        "prefill_quantiles.ubj",
+        "decode_net.safetensors",
+        "training_data.parquet",
+        "manifest.json",
+    ],
+)
+def test_flipped_byte_is_refused(saved: Path, tmp_path: Path, name: str) -> None:
+    copy = _copy(saved, tmp_path / "m")
+    data = bytearray((copy / name).read_bytes())
+    position = len(data) // 2
+    data[position] = (
+        (data[position] + 1) % 256
+        if chr(data[position]) not in "0123456789"
+        else ord("9" if chr(data[position]) != "9" else "8")
+    )
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(LatkitError, match=name.replace(".", r"\.")):
+        HybridLatencyModel.load(copy)
+
+
+@pytest.mark.parametrize("name", ["decode_net.safetensors", "prefill.ubj", "manifest.json"])
+def test_truncated_file_is_refused(saved: Path, tmp_path: Path, name: str) -> None:
+    copy = _copy(saved, tmp_path / "m")
+    data = (copy / name).read_bytes()
+    (copy / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(LatkitError, match=name.replace(".", r"\.")):
+        HybridLatencyModel.load(copy)
+
+
+def test_foreign_or_missing_artifact_is_refused(saved: Path, tmp_path: Path) -> None:
+    copy = _copy(saved, tmp_path / "m")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format"] = "someone-else"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatkitError, match="format"):
+        HybridLatencyModel.load(copy)
+    manifest["format"], manifest["format_version"] = "latkit-hybrid", 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatkitError, match="format_version"):
+        HybridLatencyModel.load(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(LatkitError, match=r"manifest\.json"):
+        HybridLatencyModel.load(copy)
+    with pytest.raises(LatkitError, match="not found"):
+        HybridLatencyModel.load(tmp_path / "nowhere")
+    copy2 = _copy(saved, tmp_path / "m2")
+    (copy2 / "decode_net.safetensors").unlink()
+    with pytest.raises(LatkitError, match=r"decode_net\.safetensors"):
+        HybridLatencyModel.load(copy2)
+
+
+def test_same_seed_same_model(
+    frames: tuple[pl.DataFrame, pl.DataFrame], fitted: HybridLatencyModel
+) -> None:
+    samples, steps = frames
+    again = _fit(samples, steps)
+    a, b = fitted.predict_frame(samples), again.predict_frame(samples)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_fit_without_steps_or_validation(frames: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    samples, _ = frames
+    model = HybridLatencyModel(device="cpu", num_epochs=2, prefill_params=FAST_PREFILL)
+    model.fit(samples)
+    assert model.manifest["validation_metrics"] == {}
+    assert np.isfinite(model.predict_frame(samples)["total_ms"]).all()
+
+
+# -- splits --------------------------------------------------------------------------------
+
+
+def test_split_by_sample(frames: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    samples, _ = frames
+    train, val = split_samples(samples, "sample", 0.25, seed=5)
+    assert train.height + val.height == samples.height
+    assert val.height == round(samples.height * 0.25)
+    assert set(train["sample_key"]).isdisjoint(set(val["sample_key"]))
+    _, val2 = split_samples(samples, "sample", 0.25, seed=5)
+    assert val2["sample_key"].to_list() == val["sample_key"].to_list()
+
+
+def test_split_by_config(frames: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    samples, _ = frames
+    train, val = split_samples(samples, "config", 0.2, seed=1)
+    assert train.height + val.height == samples.height and val.height > 0
+    keys = ["tier", "top_k", "num_active_blocks"]
+    train_configs = set(train.select(keys).iter_rows())
+    val_configs = set(val.select(keys).iter_rows())
+    assert train_configs.isdisjoint(val_configs)
+    assert 0.1 < val.height / samples.height < 0.35
+    with pytest.raises(LatkitError):
+        split_samples(samples.filter(pl.col("config") == samples["config"][0]), "config")
+    with pytest.raises(LatkitError):
+        split_samples(samples, "bogus")
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_matches_cpu_closely(
+    frames: tuple[pl.DataFrame, pl.DataFrame], fitted: HybridLatencyModel, tmp_path: Path
+) -> None:
+    """Same code path on the GPU (trees with device="cuda", decode net on cuda); the saved
+    artifact loads and predicts on the CPU."""
+    samples, steps = frames
+    train, val = split_samples(samples, "sample", 0.2, 3407)
+    model = HybridLatencyModel(device="cuda", num_epochs=4, prefill_params=FAST_PREFILL).fit(
+        train, steps, val_samples=val, val_steps=steps
+    )
+    assert model.manifest["prefill"]["params"]["device"].startswith("cuda")
+    model.save(tmp_path / "m")
+    loaded = HybridLatencyModel.load(tmp_path / "m")
+    gpu, cpu = loaded.predict_frame(samples), fitted.predict_frame(samples)
+    # Different hardware: not bit-identical, but the same model up to float noise and tree ties.
+    rel = np.abs(gpu["prefill_ms"] - cpu["prefill_ms"]) / cpu["prefill_ms"]
+    assert np.median(rel) < 0.05
+    assert np.isfinite(gpu["decode_total_ms"]).all()

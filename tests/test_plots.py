@@ -1,0 +1,172 @@
+"""Figures of ``latkit plot``: every file written, a real PNG of sane size, headless."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from synthetic import decode_pass_ms, make_samples, write_results_dir
+
+from reports.plots import FIGURE_NAMES, make_plots, pick_curve_configs
+from toolkit.data import load_results
+from toolkit.features import feature_matrix
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class OracleModel:
+    """The synthetic physics itself, slightly biased: predictions without any training."""
+
+    def predict_decode_passes(self, features: np.ndarray, ks: np.ndarray) -> np.ndarray:
+        kv = features[:, 0:1] + features[:, 1:2] + np.asarray(ks)[None, :]
+        return decode_pass_ms(features[:, 3:4], features[:, 4:5], kv) * 1.02  # type: ignore[arg-type]
+
+    def predict_frame(self, samples: pl.DataFrame) -> Mapping[str, np.ndarray]:
+        features = feature_matrix(samples)
+        passes = samples["n_decode_passes"].to_numpy()
+        ks = np.arange(1, max(int(passes.max()), 1) + 1, dtype=np.float32)
+        per_pass = self.predict_decode_passes(features, ks)
+        total = (per_pass * (ks[None, :] <= passes[:, None])).sum(axis=1)
+        noise = np.random.default_rng(0).normal(1.0, 0.02, samples.height)
+        return {
+            "prefill_ms": samples["T_prefill_total"].to_numpy() * noise,
+            "decode_total_ms": total,
+        }
+
+
+def _check_figures(directory: Path) -> None:
+    for name in FIGURE_NAMES:
+        path = directory / name
+        assert path.is_file(), name
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+        assert 20_000 < len(data) < 2_000_000, (name, len(data))
+
+
+def test_make_plots_writes_every_figure(tmp_path: Path) -> None:
+    write_results_dir(tmp_path / "results", make_samples(n_per_config=2, seed=0))
+    loaded = load_results(tmp_path / "results")
+    paths = make_plots(
+        OracleModel(), loaded.samples, loaded.steps, tmp_path / "figs", max_samples=120
+    )
+    assert [p.name for p in paths] == list(FIGURE_NAMES)
+    _check_figures(tmp_path / "figs")
+    assert not list((tmp_path / "figs").glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_plots_without_step_timings(tmp_path: Path) -> None:
+    write_results_dir(tmp_path / "results", make_samples(n_per_config=1, seed=1), with_steps=False)
+    loaded = load_results(tmp_path / "results")
+    assert loaded.steps.height == 0
+    make_plots(OracleModel(), loaded.samples, loaded.steps, tmp_path / "figs")
+    # the pass curve says there is nothing to draw instead of failing
+    assert (tmp_path / "figs" / "decode_pass_curve.png").stat().st_size > 5_000
+
+
+def test_curve_configs_prefer_long_sequences_one_per_tier() -> None:
+    samples = pl.DataFrame(
+        {
+            "sample_key": [0, 1, 2, 3],
+            "config": ["low_4_8", "low_8_8", "high_4_8", "medium_4_8"],
+            "tier": ["low", "low", "high", "medium"],
+        }
+    )
+    steps = pl.DataFrame(
+        {
+            "sample_key": [0] * 3 + [1] * 9 + [2] * 5 + [3] * 1,
+            "k": [*range(1, 4), *range(1, 10), *range(1, 6), 1],
+        }
+    )
+    # medium reaches only k = 1: no curve; low's longest config first
+    assert pick_curve_configs(samples, steps, n_configs=3) == ["low_8_8", "high_4_8", "low_4_8"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from toolkit.models.hybrid import HybridLatencyModel
+
+    root = tmp_path_factory.mktemp("plot-cli")
+    results = root / "results"
+    write_results_dir(results, make_samples(n_per_config=2, seed=4))
+    loaded = load_results(results)
+    HybridLatencyModel(
+        num_epochs=2,
+        device="cpu",
+        prefill_params={"n_estimators": 30, "quantile_n_estimators": 20, "nthread": 1},
+    ).fit(loaded.samples, loaded.steps).save(root / "checkpoint")
+    return root / "checkpoint", results
+
+
+def test_cli_plot(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    checkpoint, results = trained
+    out = tmp_path / "figures"
+    result = CliRunner().invoke(
+        main,
+        [
+            "plot",
+            "--checkpoint_path",
+            str(checkpoint),
+            "--results_dir",
+            str(results),
+            "--output_dir",
+            str(out),
+            "--max_samples",
+            "100",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    _check_figures(out)
+    assert "decode_pass_curve.png" in result.output
+
+
+def test_cli_plot_missing_checkpoint_exits_2(tmp_path: Path, results_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "plot",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--results-dir",
+            str(results_dir),
+            "--output-dir",
+            str(tmp_path / "figs"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_plot_held_out_only_with_nothing_held_out(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    checkpoint, results = trained  # trained on every sample: nothing is held out
+    result = CliRunner().invoke(
+        main,
+        [
+            "plot",
+            "--checkpoint",
+            str(checkpoint),
+            "--results-dir",
+            str(results),
+            "--output-dir",
+            str(tmp_path / "figs"),
+            "--held-out-only",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "no held-out samples" in result.output

@@ -1,0 +1,179 @@
+"""``latkit predict``: single-configuration block and batch CSV/Parquet mode."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from synthetic import make_samples, write_results_dir
+
+from exporters.predict import OUTPUT_COLUMNS
+from toolkit.cli import main
+from toolkit.data import load_results
+from toolkit.models.hybrid import HybridLatencyModel
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[HybridLatencyModel, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    write_results_dir(root / "results", make_samples(n_per_config=2, seed=3))
+    loaded = load_results(root / "results")
+    model = HybridLatencyModel(
+        num_epochs=2,
+        device="cpu",
+        prefill_params={"n_estimators": 40, "quantile_n_estimators": 30, "nthread": 1},
+    ).fit(loaded.samples, loaded.steps)
+    model.save(root / "ckpt")
+    return model, root / "ckpt"
+
+
+def _queries() -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "vision_tokens": [1008, 432, 1872, 720],
+            "text_tokens": [60, 30, 100, 45],
+            "tier": ["medium", "low", "high", "1"],
+            "top_k": [8, 4, 12, 6],
+            "num_active_blocks": [12, 8, 16, 10],
+            "output_tokens": [24, 0, 1, 2],
+        }
+    )
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, ["predict", *args])
+
+
+def test_single_mode_prints_the_original_block(checkpoint) -> None:
+    model, ckpt = checkpoint
+    result = _run(
+        "--checkpoint",
+        str(ckpt),
+        "--tier",
+        "medium",
+        "--top-k",
+        "8",
+        "--blocks",
+        "12",
+        "--vision-tokens",
+        "1008",
+        "--text-tokens",
+        "60",
+        "--output-tokens",
+        "24",
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "Config: tier=medium, top_k=8, blocks=12"
+    assert re.fullmatch(r"  T_prefill_total: \d+\.\d\dms", lines[1])
+    assert re.fullmatch(r"  T_decode_total: \d+\.\d\dms \(sum of positioned latencies\)", lines[2])
+    assert re.fullmatch(r"  T_decode_per_token_avg: \d+\.\d\dms/token \(average\)", lines[3])
+    assert re.fullmatch(r"  T_total \(estimated\): \d+\.\d\dms", lines[4])
+    want = model.predict(np.array([[1008, 60, 1, 8, 12]], np.float32), np.array([24.0]))
+    assert lines[4].endswith(f"{want['total_ms'][0]:.2f}ms")
+
+
+def test_single_mode_vision_tokens_default_from_tier(checkpoint) -> None:
+    _, ckpt = checkpoint
+    common = [
+        "--checkpoint",
+        str(ckpt),
+        "--tier",
+        "medium",
+        "--top_k",
+        "8",
+        "--blocks",
+        "12",
+        "--text-tokens",
+        "60",
+        "--output-tokens",
+        "24",
+    ]
+    implicit = _run(*common)
+    explicit = _run(*common, "--vision-tokens", "1008")
+    assert implicit.exit_code == 0 and implicit.output == explicit.output
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_batch_mode_adds_prediction_columns(checkpoint, tmp_path: Path, suffix: str) -> None:
+    model, ckpt = checkpoint
+    queries = _queries()
+    src, dst = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}"
+    if suffix == ".csv":
+        queries.write_csv(src)
+    else:
+        queries.write_parquet(src)
+    result = _run("--checkpoint", str(ckpt), "--input-file", str(src), "--output-file", str(dst))
+    assert result.exit_code == 0, result.output
+    out = pl.read_csv(dst) if suffix == ".csv" else pl.read_parquet(dst)
+    assert out.columns == [*queries.columns, *OUTPUT_COLUMNS]
+    features = np.array(
+        [[1008, 60, 1, 8, 12], [432, 30, 0, 4, 8], [1872, 100, 2, 12, 16], [720, 45, 1, 6, 10]],
+        np.float32,
+    )
+    want = model.predict(features, queries["output_tokens"].to_numpy())
+    for name in OUTPUT_COLUMNS:
+        np.testing.assert_allclose(out[name].to_numpy(), want[name], rtol=1e-6)
+    assert out["decode_total_ms"][1] == 0 and out["decode_per_token_ms"][2] == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f.drop("top_k"), "missing column(s) top_k"),
+        (
+            lambda f: f.with_columns(pl.Series("text_tokens", [1.0, None, 3.0, 4.0])),
+            "row 2 column text_tokens",
+        ),
+        (
+            lambda f: f.with_columns(pl.Series("text_tokens", [1.0, float("nan"), 3.0, 4.0])),
+            "row 2 column text_tokens",
+        ),
+        (
+            lambda f: f.with_columns(pl.Series("tier", ["low", "huge", "low", "low"])),
+            "unknown tier 'huge'",
+        ),
+        (lambda f: f.with_columns(pl.Series("top_k", ["a", "b", "c", "d"])), "not numeric"),
+    ],
+)
+def test_bad_csv_is_one_line_and_exit_2(checkpoint, tmp_path: Path, change, message: str) -> None:
+    _, ckpt = checkpoint
+    src = tmp_path / "in.csv"
+    change(_queries()).write_csv(src)
+    result = _run(
+        "--checkpoint",
+        str(ckpt),
+        "--input-file",
+        str(src),
+        "--output-file",
+        str(tmp_path / "out.csv"),
+    )
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert message in result.output
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_single_mode_needs_its_flags(checkpoint) -> None:
+    _, ckpt = checkpoint
+    result = _run("--checkpoint", str(ckpt), "--tier", "medium")
+    assert result.exit_code == 2 and "--top-k" in result.output
+    bad_tier = _run(
+        "--checkpoint",
+        str(ckpt),
+        "--tier",
+        "huge",
+        "--top-k",
+        "8",
+        "--blocks",
+        "12",
+        "--text-tokens",
+        "5",
+        "--output-tokens",
+        "5",
+    )
+    assert bad_tier.exit_code == 2 and "unknown tier" in bad_tier.output

@@ -1,0 +1,136 @@
+"""``latkit evaluate``: score a trained model on profiled samples (and, optionally, baselines)."""
+
+from __future__ import annotations
+
+import click
+
+from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
+
+
+@click.command("evaluate")
+@click.option(
+    "--checkpoint",
+    "--checkpoint-path",
+    "--checkpoint_path",
+    "checkpoint",
+    type=click.Path(path_type=str),
+    required=True,
+    help="Model artifact directory written by `latkit train`.",
+)
+@results_selection_options()
+@click.option(
+    "--output-file",
+    "--output_file",
+    "output_file",
+    default="evaluation_results.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Where to write the evaluation JSON.",
+)
+@click.option(
+    "--baselines",
+    is_flag=True,
+    default=False,
+    help="Also fit the lookup-table, linear and original single-network baselines on "
+    "the checkpoint's training data and score them on the same samples.",
+)
+@click.option(
+    "--train-results-dir",
+    "--train_results_dir",
+    "train_results_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Training results for the baselines, for a checkpoint without training_data.parquet.",
+)
+@click.option(
+    "--held-out-only",
+    "--held_out_only",
+    "held_out_only",
+    is_flag=True,
+    default=False,
+    help="Drop the samples of the checkpoint's training split before scoring (for "
+    "evaluating on the directory the model was trained from).",
+)
+@click.option(
+    "--single-network-epochs",
+    "--single_network_epochs",
+    "single_network_epochs",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Epochs of the original single-network baseline (the original used 50).",
+)
+@click.option(
+    "--seed", type=int, default=3407, show_default=True, help="Seed of the single-network baseline."
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Torch device of the single-network baseline (cpu or cuda).",
+)
+@click.option(
+    "--batch-size",
+    "--batch_size",
+    "batch_size",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Accepted for compatibility with the original script; unused.",
+)
+@click.option(
+    "--max-configs",
+    "--max_configs",
+    "max_configs",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Rows of the printed per-configuration table (the JSON has all).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def evaluate_command(
+    checkpoint: str,
+    results_dir: str,
+    use_all_datasets: bool,
+    dataset_names: str | None,
+    outlier_ms: float,
+    outlier_rel: float | None,
+    output_file: str,
+    baselines: bool,
+    train_results_dir: str | None,
+    held_out_only: bool,
+    single_network_epochs: int,
+    seed: int,
+    device: str,
+    batch_size: int | None,
+    max_configs: int,
+    verbose: bool,
+) -> None:
+    """Score a trained model: MAE/RMSE/MAPE/R², per-configuration errors, baselines side by side.
+
+    Example: latkit evaluate --checkpoint checkpoints/latency_estimator
+    --results-dir results/core_exp_h100 --use-all-datasets --baselines
+    """
+    del batch_size
+    setup_logging(verbose)
+    # Imported here so `latkit --help` stays fast (torch, xgboost).
+    from reports.evaluation import format_report, run_evaluation
+
+    names = parse_dataset_names(dataset_names)
+    result = run_evaluation(
+        checkpoint,
+        results_dir,
+        dataset_names=names,
+        use_all_datasets=use_all_datasets or names is None,
+        outlier_ms=outlier_ms,
+        outlier_rel=outlier_rel,
+        output_file=output_file,
+        baselines=baselines,
+        train_results_dir=train_results_dir,
+        held_out_only=held_out_only,
+        single_network_epochs=single_network_epochs,
+        seed=seed,
+        device=device,
+    )
+    click.echo(format_report(result, max_configs=max_configs))
+    click.echo(f"\nEvaluation results written to {output_file}")

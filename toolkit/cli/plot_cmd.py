@@ -1,0 +1,102 @@
+"""``latkit plot``: figures comparing a trained model's predictions with measurements."""
+
+from __future__ import annotations
+
+import click
+
+from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
+
+
+@click.command("plot")
+@click.option(
+    "--checkpoint",
+    "--checkpoint-path",
+    "--checkpoint_path",
+    "checkpoint",
+    type=click.Path(path_type=str),
+    required=True,
+    help="Model artifact directory written by `latkit train`.",
+)
+@results_selection_options()
+@click.option(
+    "--output-dir",
+    "--output_dir",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Directory for the PNG figures (created if missing).",
+)
+@click.option(
+    "--max-samples",
+    "--max_samples",
+    "max_samples",
+    type=click.IntRange(min=1),
+    default=10000,
+    show_default=True,
+    help="Plot a seeded random subset of at most this many samples.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset.")
+@click.option(
+    "--held-out-only",
+    "--held_out_only",
+    "held_out_only",
+    is_flag=True,
+    default=False,
+    help="Drop the samples of the checkpoint's training split before plotting.",
+)
+@click.option(
+    "--batch-size",
+    "--batch_size",
+    "batch_size",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Accepted for compatibility with the original script; unused.",
+)
+@click.option(
+    "--device",
+    default=None,
+    hidden=True,
+    help="Accepted for compatibility with the original script; unused.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def plot_command(
+    checkpoint: str,
+    results_dir: str,
+    use_all_datasets: bool,
+    dataset_names: str | None,
+    outlier_ms: float,
+    outlier_rel: float | None,
+    output_dir: str,
+    max_samples: int,
+    seed: int,
+    held_out_only: bool,
+    batch_size: int | None,
+    device: str | None,
+    verbose: bool,
+) -> None:
+    """Write scatter, error and decode-curve figures (PNG, headless) into --output-dir.
+
+    Example: latkit plot --checkpoint checkpoints/latency_estimator
+    --results-dir results/core_exp_h100 --output-dir visualizations/latency_estimator
+    """
+    del batch_size, device
+    setup_logging(verbose)
+    from reports.plots import run_plots
+
+    names = parse_dataset_names(dataset_names)
+    paths = run_plots(
+        checkpoint,
+        results_dir,
+        output_dir,
+        dataset_names=names,
+        use_all_datasets=use_all_datasets or names is None,
+        outlier_ms=outlier_ms,
+        outlier_rel=outlier_rel,
+        max_samples=max_samples,
+        seed=seed,
+        held_out_only=held_out_only,
+    )
+    click.echo(f"Wrote {len(paths)} figures to {output_dir}:")
+    for path in paths:
+        click.echo(f"  {path.name}")

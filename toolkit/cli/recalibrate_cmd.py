@@ -1,0 +1,84 @@
+"""``latkit recalibrate``: move a trained model to another machine with a few samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
+from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
+
+
+@click.command("recalibrate")
+@click.option(
+    "--checkpoint",
+    "--checkpoint_path",
+    "checkpoint",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Source model artifact (trained on another machine).",
+)
+@results_selection_options()
+@click.option(
+    "--samples",
+    "n_samples",
+    type=click.IntRange(min=0),
+    default=25,
+    show_default=True,
+    help="Calibration samples drawn evenly over the knob grid of the target results.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="affine",
+    show_default=True,
+    help="affine: per-stage target = a x source + b (prefill, and each decode pass).",
+)
+@click.option(
+    "--output-dir",
+    "--output_dir",
+    "output_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where the recalibrated artifact goes (usable by every --checkpoint).",
+)
+@click.option(
+    "--curve",
+    is_flag=True,
+    help="Also measure the error for N in 10, 25, 50, 100 against a model trained on the "
+    "target itself; writes recalibration_curve.png and .json into --output-dir.",
+)
+@click.option("--seed", type=int, default=3407, show_default=True)
+def recalibrate_command(
+    checkpoint: Path,
+    results_dir: str,
+    use_all_datasets: bool,
+    dataset_names: str | None,
+    outlier_ms: float,
+    outlier_rel: float | None,
+    n_samples: int,
+    method: str,
+    output_dir: Path,
+    curve: bool,
+    seed: int,
+) -> None:
+    """Recalibrate a model to the machine that measured --results-dir.
+
+    Fits per-stage affine maps on --samples calibration samples, saves the recalibrated
+    artifact, and reports its error on the rest of the target results.
+    """
+    setup_logging()
+    report = run_recalibration(
+        checkpoint,
+        results_dir,
+        output_dir,
+        n_samples=n_samples,
+        method=method,
+        dataset_names=parse_dataset_names(dataset_names),
+        outlier_ms=outlier_ms,
+        outlier_rel=outlier_rel,
+        curve_ns=DEFAULT_CURVE_NS if curve else (),
+        seed=seed,
+    )
+    click.echo(report)
