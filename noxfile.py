@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, typecheck, bench, demo, cpp. CI runs ``nox -s ci``.
+"""nox sessions: tests, lint, typecheck, bench, demo, cpp. CI runs lint, typecheck, tests.
 
 Sessions reuse the current environment (``venv_backend="none"``): .ci/run installs the
 project once, with the pinned CPU torch wheel, and every session runs against it.
@@ -12,13 +12,19 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.default_venv_backend = "none"
 
 PACKAGES = ["toolkit", "exporters", "reports"]
-SOURCES = [*PACKAGES, "tests", "benchmarks", "examples", "noxfile.py"]
+SOURCES = [*PACKAGES, "tests", "benchmarks", "examples", "data/physics.py", "noxfile.py"]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit and CLI tests (slow and GPU tests included where they can run)."""
+    """Unit and CLI tests, the C++ example's build included (GPU tests skip without CUDA)."""
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def cpp(session: nox.Session) -> None:
+    """Build examples/cpp (ONNX Runtime + libtorch) and compare it with Python."""
+    session.run("pytest", "-q", "-m", "cpp", "tests/test_cpp_example.py", *session.posargs)
 
 
 @nox.session
@@ -48,11 +54,3 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The whole pipeline on the bundled dataset."""
     session.run("latkit", "demo", *session.posargs)
-
-
-@nox.session
-def ci(session: nox.Session) -> None:
-    """What CI runs: lint, type checks, then the tests."""
-    session.notify("lint")
-    session.notify("typecheck")
-    session.notify("tests")

@@ -13,6 +13,7 @@ gets the answer in one call with no loop over positions.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,10 @@ def run_budget_file(path: Path, features: np.ndarray, budget_ms: np.ndarray) -> 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         values = session.run(None, {"features": x, "budget_ms": b})
     else:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in torch 2.x, yet it is what libtorch loads.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
             values = [v.numpy() for v in module(torch.from_numpy(x), torch.from_numpy(b))]
     return dict(zip(BUDGET_OUTPUT_NAMES, values, strict=True))

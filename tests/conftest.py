@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,26 @@ def results_dir(tmp_path: Path) -> Path:
     root = tmp_path / "results"
     write_results_dir(root, make_samples(n_per_config=2, seed=0))
     return root
+
+
+@pytest.fixture(scope="session")
+def small_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+    """(model, checkpoint dir, results dir): a real HybridLatencyModel fitted with tiny
+    budgets on synthetic results and saved; shared by the export, budget and
+    recalibration tests."""
+    from toolkit.data import load_results
+    from toolkit.models.hybrid import HybridLatencyModel
+
+    root = tmp_path_factory.mktemp("small-trained")
+    write_results_dir(root / "results", make_samples(n_per_config=3, seed=1))
+    loaded = load_results(root / "results", cache=False)
+    model = HybridLatencyModel(
+        num_epochs=3,
+        device="cpu",
+        prefill_params={"n_estimators": 60, "quantile_n_estimators": 40, "nthread": 1},
+    ).fit(loaded.samples, loaded.steps)
+    model.save(root / "ckpt")
+    return model, root / "ckpt", root / "results"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

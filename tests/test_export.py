@@ -13,7 +13,6 @@ import pytest
 import torch
 import xgboost as xgb
 from click.testing import CliRunner
-from synthetic import make_samples, write_results_dir
 
 from exporters.export import (
     ATOL,
@@ -34,7 +33,6 @@ from exporters.tree_table import (
     split_thresholds,
 )
 from toolkit.cli import main
-from toolkit.data import load_results
 from toolkit.errors import LatkitError
 from toolkit.features import FEATURE_NAMES
 from toolkit.models.hybrid import HybridLatencyModel
@@ -76,18 +74,12 @@ def _boosters(target_transform: str, seed: int = 0) -> tuple[xgb.Booster, xgb.Bo
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[HybridLatencyModel, Path]:
+def trained(
+    small_trained: tuple[HybridLatencyModel, Path, Path],
+) -> tuple[HybridLatencyModel, Path]:
     """A real HybridLatencyModel fitted on synthetic results (tiny budgets), saved."""
-    root = tmp_path_factory.mktemp("export")
-    write_results_dir(root / "results", make_samples(n_per_config=3, seed=1))
-    loaded = load_results(root / "results")
-    model = HybridLatencyModel(
-        num_epochs=3,
-        device="cpu",
-        prefill_params={"n_estimators": 60, "quantile_n_estimators": 40, "nthread": 1},
-    ).fit(loaded.samples, loaded.steps)
-    model.save(root / "ckpt")
-    return model, root / "ckpt"
+    model, ckpt, _ = small_trained
+    return model, ckpt
 
 
 @pytest.fixture(scope="module")

@@ -203,3 +203,52 @@ def budget_table(
         [pl.col("feasible"), *order, pl.col("_grid_order")],
         descending=[True, *descending, False],
     ).drop("_grid_order")
+
+
+def answer_budget(
+    predict: PredictFn,
+    text_tokens: int,
+    budget_ms: float,
+    *,
+    vision_tokens: int | Mapping[str, int] | None = None,
+    output_tokens: int | None = None,
+    configs: Sequence[Config] | None = None,
+    safety: float = DEFAULT_SAFETY,
+    bound: str = "mean",
+    rank: str = "fastest",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> pl.DataFrame:
+    """``budget_table`` for one request over ``configs`` (default: the whole 75-point grid)."""
+    chosen = list(configs) if configs is not None else knob_grid()
+    features = request_features(chosen, text_tokens, vision_tokens)
+    return budget_table(
+        predict,
+        chosen,
+        features,
+        budget_ms,
+        output_tokens=output_tokens,
+        safety=safety,
+        bound=bound,
+        rank=rank,
+        max_tokens=max_tokens,
+    )
+
+
+def format_budget_table(table: pl.DataFrame, budget_ms: float, bound: str, safety: float) -> str:
+    """The budget answer as a terminal table, feasible configurations first."""
+    n_ok = int(table["feasible"].sum())
+    has_total = table["total_ms"].null_count() < table.height
+    lines = [
+        f"Budget {budget_ms:g} ms (prefill bound: {bound}, safety {safety:g}): "
+        f"{n_ok} of {table.height} configurations feasible",
+        f"{'config':<14}{'vision':>8}{'prefill ms':>12}"
+        + (f"{'total ms':>11}" if has_total else "")
+        + f"{'max output':>12}{'feasible':>10}",
+    ]
+    for row in table.iter_rows(named=True):
+        total = f"{row['total_ms']:>11.2f}" if has_total else ""
+        lines.append(
+            f"{row['config']:<14}{row['vision_tokens']:>8}{row['prefill_ms']:>12.2f}{total}"
+            f"{row['max_output_tokens']:>12}{'yes' if row['feasible'] else 'no':>10}"
+        )
+    return "\n".join(lines)

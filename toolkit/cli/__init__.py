@@ -41,6 +41,7 @@ def main() -> None:
 def _register() -> None:
     # One import per command module; each module defines one click command. Listed in the
     # order of the typical flow (click sorts --help itself).
+    from toolkit.cli.demo_cmd import demo_command
     from toolkit.cli.evaluate_cmd import evaluate_command
     from toolkit.cli.export_cmd import export_command
     from toolkit.cli.inspect_cmd import inspect_command
@@ -59,6 +60,7 @@ def _register() -> None:
         export_command,
         predict_command,
         recalibrate_command,
+        demo_command,
     ):
         main.add_command(command)
 

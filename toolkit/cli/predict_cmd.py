@@ -78,6 +78,45 @@ from toolkit.errors import LatkitError
     default=None,
     help="Single mode: tokens to generate (N tokens = N-1 decode passes).",
 )
+@click.option(
+    "--budget-ms",
+    "--budget_ms",
+    "budget_ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Budget mode: rank the configurations of the grid (or --configs) for one request "
+    "(--text-tokens, optional --vision-tokens and expected --output-tokens) within this "
+    "latency budget, with the largest output length each leaves room for.",
+)
+@click.option(
+    "--bound",
+    type=click.Choice(["mean", "p50", "p90", "p95"]),
+    default="mean",
+    show_default=True,
+    help="Budget mode: prefill estimate the rule uses (a quantile head is a safe bound).",
+)
+@click.option(
+    "--safety",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.8,
+    show_default=True,
+    help="Budget mode: prefill must fit budget x safety (the original controller's rule).",
+)
+@click.option(
+    "--rank",
+    type=click.Choice(["fastest", "quality"]),
+    default="fastest",
+    show_default=True,
+    help="Budget mode: order of the feasible configurations (quality: highest tier, top_k "
+    "and blocks first).",
+)
+@click.option(
+    "--configs",
+    default=None,
+    help="Budget mode: comma-separated configurations <tier>_<top_k>_<blocks> "
+    "(default: all 75 of the grid).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Budget mode: print JSON rows.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def predict_command(
     checkpoint: str,
@@ -89,18 +128,39 @@ def predict_command(
     vision_tokens: float | None,
     text_tokens: float | None,
     output_tokens: float | None,
+    budget_ms: float | None,
+    bound: str,
+    safety: float,
+    rank: str,
+    configs: str | None,
+    as_json: bool,
     verbose: bool,
 ) -> None:
     """Predict prefill, decode and total latency with a trained checkpoint.
 
     Single mode prints the original tool's block; batch mode (--input-file/--output-file)
     writes the input table with prefill_ms, decode_total_ms, decode_per_token_ms, total_ms,
-    prefill_p50_ms, prefill_p90_ms and prefill_p95_ms added.
+    prefill_p50_ms, prefill_p90_ms and prefill_p95_ms added. Budget mode (--budget-ms)
+    answers which configurations fit a latency budget for one request, ranked.
     """
     from exporters.export import load_model
     from exporters.predict import predict_file, predict_single
 
     setup_logging(verbose)
+    if budget_ms is not None:
+        _budget_mode(
+            checkpoint,
+            budget_ms,
+            text_tokens,
+            vision_tokens,
+            output_tokens,
+            bound,
+            safety,
+            rank,
+            configs,
+            as_json,
+        )
+        return
     if input_file is not None or output_file is not None:
         if input_file is None or output_file is None:
             raise LatkitError("batch mode needs both --input-file and --output-file")
@@ -134,3 +194,44 @@ def predict_command(
         output_tokens=output_tokens,
     )
     click.echo(single.block())
+
+
+def _budget_mode(
+    checkpoint: str,
+    budget_ms: float,
+    text_tokens: float | None,
+    vision_tokens: float | None,
+    output_tokens: float | None,
+    bound: str,
+    safety: float,
+    rank: str,
+    configs: str | None,
+    as_json: bool,
+) -> None:
+    import json
+
+    from exporters.export import load_model
+    from toolkit.controller import answer_budget, format_budget_table, parse_config
+
+    if text_tokens is None:
+        raise LatkitError("budget mode needs --text-tokens (the request's prompt length)")
+    try:
+        chosen = [parse_config(c) for c in configs.split(",") if c.strip()] if configs else None
+    except ValueError as exc:
+        raise LatkitError(f"--configs: {exc}") from None
+    model = load_model(checkpoint)
+    table = answer_budget(
+        model.predict,
+        int(text_tokens),
+        budget_ms,
+        vision_tokens=int(vision_tokens) if vision_tokens is not None else None,
+        output_tokens=int(output_tokens) if output_tokens is not None else None,
+        configs=chosen,
+        safety=safety,
+        bound=bound,
+        rank=rank,
+    )
+    if as_json:
+        click.echo(json.dumps(table.to_dicts()))
+    else:
+        click.echo(format_budget_table(table, budget_ms, bound, safety))

@@ -534,6 +534,24 @@ class HybridLatencyModel:
             "prefill_p95_ms": quantiles[:, 2],
         }
 
+    def answer_budget(self, text_tokens: int, budget_ms: float, **options: Any) -> pl.DataFrame:
+        """Which configurations fit ``budget_ms`` for one request, ranked, with output room.
+
+        Options as ``toolkit.controller.answer_budget`` (vision_tokens, output_tokens,
+        configs, safety, bound, rank, max_tokens).
+        """
+        from toolkit.controller import answer_budget
+
+        return answer_budget(self.predict, text_tokens, budget_ms, **options)
+
+    def max_output_tokens(
+        self, features: np.ndarray, budget_ms: float | np.ndarray, bound: str = "mean"
+    ) -> np.ndarray:
+        """Largest output length per row with prefill + decode total <= budget (0: none)."""
+        from toolkit.controller import max_output_tokens
+
+        return max_output_tokens(self.predict, features, budget_ms, bound=bound)
+
     def with_calibration(self, calibration: Calibration) -> HybridLatencyModel:
         """A copy that predicts through ``calibration`` (see ``toolkit.models.calibration``)."""
         calibrated = copy.copy(self)
