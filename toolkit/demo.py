@@ -136,7 +136,7 @@ def run_demo(
     floor = evaluation.get("noise_floor", {})
     if floor:
         summary.lines.append(
-            "  noise floor of the data (identical work measured twice): "
+            "  noise floor of the data (different samples doing identical work): "
             + ", ".join(
                 f"{k} {v.get('mape_pct', float('nan')):.1f}%"
                 for k, v in floor.items()

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli.options import setup_logging
+from toolkit.cli.options import checkpoint_option, setup_logging
 
 
 @click.command("export")
-@click.option(
-    "--checkpoint",
-    "--checkpoint-path",
-    "--checkpoint_path",
-    "checkpoint",
-    type=click.Path(path_type=str),
-    required=True,
-    help="Model artifact directory written by `latkit train`.",
-)
+@checkpoint_option()
 @click.option(
     "--output-dir",
     "--output_dir",

@@ -70,6 +70,19 @@ def results_selection_options(required: bool = True) -> Callable[[F], F]:
     return decorate
 
 
+def checkpoint_option(help: str = "Model artifact directory written by `latkit train`.") -> Any:
+    """``--checkpoint`` (also ``--checkpoint-path``, ``--checkpoint_path``): a model directory."""
+    return click.option(
+        "--checkpoint",
+        "--checkpoint-path",
+        "--checkpoint_path",
+        "checkpoint",
+        type=click.Path(path_type=str),
+        required=True,
+        help=help,
+    )
+
+
 def parse_dataset_names(dataset_names: str | None) -> list[str] | None:
     if dataset_names is None:
         return None

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
+from toolkit.cli.options import (
+    checkpoint_option,
+    parse_dataset_names,
+    results_selection_options,
+    setup_logging,
+)
 
 
 @click.command("plot")
-@click.option(
-    "--checkpoint",
-    "--checkpoint-path",
-    "--checkpoint_path",
-    "checkpoint",
-    type=click.Path(path_type=str),
-    required=True,
-    help="Model artifact directory written by `latkit train`.",
-)
+@checkpoint_option()
 @results_selection_options()
 @click.option(
     "--output-dir",

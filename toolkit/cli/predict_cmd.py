@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli.options import setup_logging
+from toolkit.cli.options import checkpoint_option, setup_logging
 from toolkit.errors import LatkitError
 
 
 @click.command("predict")
-@click.option(
-    "--checkpoint",
-    "--checkpoint-path",
-    "--checkpoint_path",
-    "checkpoint",
-    type=click.Path(path_type=str),
-    required=True,
-    help="Model artifact directory written by `latkit train`.",
-)
+@checkpoint_option()
 @click.option(
     "--input-file",
     "--input_file",

@@ -6,19 +6,17 @@ from pathlib import Path
 
 import click
 
-from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
+from toolkit.cli.options import (
+    checkpoint_option,
+    parse_dataset_names,
+    results_selection_options,
+    setup_logging,
+)
 from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
 
 
 @click.command("recalibrate")
-@click.option(
-    "--checkpoint",
-    "--checkpoint_path",
-    "checkpoint",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Source model artifact (trained on another machine).",
-)
+@checkpoint_option("Source model artifact (trained on another machine).")
 @results_selection_options()
 @click.option(
     "--samples",
@@ -51,7 +49,7 @@ from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
 )
 @click.option("--seed", type=int, default=3407, show_default=True)
 def recalibrate_command(
-    checkpoint: Path,
+    checkpoint: str,
     results_dir: str,
     use_all_datasets: bool,
     dataset_names: str | None,
