@@ -211,8 +211,8 @@ def plot_curve(curve: pl.DataFrame, path: str | Path) -> None:
         axis.set_xlabel("calibration samples N")
         axis.set_ylabel("MAPE on held-out target samples (%)")
         axis.set_title(f"{title}: error vs calibration samples")
-        axis.set_yscale("log")
-        axis.grid(True, which="both", alpha=0.3)
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
