@@ -545,6 +545,23 @@ def model_training_data(model: Any, checkpoint: Path) -> pl.DataFrame | None:
     return frame if frame is not None and frame.height > 0 else None
 
 
+def held_out_samples(
+    model: Any, checkpoint: str | Path, samples: pl.DataFrame
+) -> tuple[pl.DataFrame, int]:
+    """``samples`` without the checkpoint's training split, and how many were dropped."""
+    training = model_training_data(model, Path(checkpoint))
+    if training is None:
+        raise LatkitError(
+            f"{Path(checkpoint) / 'training_data.parquet'} not found: "
+            "cannot tell which samples were held out"
+        )
+    kept, dropped = drop_training_samples(samples, training)
+    log.info(
+        "Held-out only: dropped %d samples of the training split, %d left", dropped, kept.height
+    )
+    return kept, dropped
+
+
 def load_checkpoint(checkpoint: str | Path) -> Any:
     """Load a ``HybridLatencyModel`` artifact directory, with one-line errors."""
     path = Path(checkpoint)
@@ -594,18 +611,7 @@ def run_evaluation(
     samples = loaded.samples
     n_dropped_training = 0
     if held_out_only:
-        training = model_training_data(model, Path(checkpoint))
-        if training is None:
-            raise LatkitError(
-                f"{Path(checkpoint) / 'training_data.parquet'} not found: "
-                "cannot tell which samples were held out"
-            )
-        samples, n_dropped_training = drop_training_samples(samples, training)
-        log.info(
-            "Held-out only: dropped %d samples of the training split, %d left",
-            n_dropped_training,
-            samples.height,
-        )
+        samples, n_dropped_training = held_out_samples(model, checkpoint, samples)
     train_samples: pl.DataFrame | None = None
     train_steps: pl.DataFrame | None = None
     if baselines:

@@ -638,7 +638,7 @@ def run_plots(
     ``held_out_only`` drops the samples of the checkpoint's training split first (as in
     ``latkit evaluate --held-out-only``).
     """
-    from reports.evaluation import drop_training_samples, load_checkpoint, model_training_data
+    from reports.evaluation import held_out_samples, load_checkpoint
     from toolkit.data import load_results
     from toolkit.errors import LatkitError
 
@@ -652,18 +652,7 @@ def run_plots(
     )
     samples = loaded.samples
     if held_out_only:
-        training = model_training_data(model, Path(checkpoint))
-        if training is None:
-            raise LatkitError(
-                f"{Path(checkpoint) / 'training_data.parquet'} not found: "
-                "cannot tell which samples were held out"
-            )
-        samples, dropped = drop_training_samples(samples, training)
-        log.info(
-            "Held-out only: dropped %d samples of the training split, %d left",
-            dropped,
-            samples.height,
-        )
+        samples, _ = held_out_samples(model, checkpoint, samples)
         if samples.height == 0:
             raise LatkitError("no held-out samples left to plot")
     return make_plots(model, samples, loaded.steps, output_dir, max_samples=max_samples, seed=seed)
