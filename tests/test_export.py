@@ -387,13 +387,13 @@ def test_failed_parity_writes_nothing(trained, tmp_path: Path) -> None:
 
 def test_generic_decode_form_exports_too(trained, tmp_path: Path) -> None:
     model, _ = trained
-    result = export_model(model, tmp_path, formats=["torchscript"], fold=False)
+    result = export_model(model, tmp_path, formats=["torchscript", "onnx"], fold=False)
     assert result.decode_form == "generic"
     x = _query_rows(model, table_thresholds=False)
     n = np.resize(np.array([0, 1, 2, 77], np.float32), len(x))
-    _assert_close(
-        run_torchscript(tmp_path / TORCHSCRIPT_FILE, x, n), model.predict(x, n), "generic"
-    )
+    want = model.predict(x, n)
+    _assert_close(run_torchscript(tmp_path / TORCHSCRIPT_FILE, x, n), want, "generic ts")
+    _assert_close(run_onnx(tmp_path / ONNX_FILE, x, n), want, "generic onnx")
 
 
 # ----------------------------------------------------------------------------- CLI
