@@ -328,9 +328,8 @@ def _translations() -> dict[Any, Any]:
     Softplus; ONNX Runtime's Softplus kernel is already stable for large x (it agrees with
     torch to 1 ulp, and the parity check proves the file), so one Softplus node suffices.
 
-    clamp(x, 0, 1): HardSigmoid(alpha=1, beta=0) computes exactly max(0, min(1, x)), and
-    ONNX Runtime fuses it into the preceding Gemm (it does not fuse Clip). Every other clamp
-    stays a Clip.
+    hardtanh(x, 0, 1): HardSigmoid(alpha=1, beta=0) computes exactly max(0, min(1, x)), and
+    ONNX Runtime fuses it into the preceding Gemm (it does not fuse Clip, the default).
     """
     from onnxscript import opset18 as op
 
@@ -339,16 +338,12 @@ def _translations() -> dict[Any, Any]:
             return op.Div(op.Softplus(op.Mul(self, beta)), beta)
         return op.Softplus(self)
 
-    def clamp(self: Any, min: float | None = None, max: float | None = None) -> Any:
-        if min == 0.0 and max == 1.0:
-            return op.HardSigmoid(self, alpha=1.0, beta=0.0)
-        if min is None and max is None:
-            return op.Identity(self)
-        low = op.CastLike(min, self) if min is not None else None  # type: ignore[type-var]
-        high = op.CastLike(max, self) if max is not None else None  # type: ignore[type-var]
-        return op.Clip(self, low, high)
+    def hardtanh(self: Any, min_val: float = -1.0, max_val: float = 1.0) -> Any:
+        if (min_val, max_val) != (0.0, 1.0):
+            raise NotImplementedError("only hardtanh(x, 0, 1) is translated")
+        return op.HardSigmoid(self, alpha=1.0, beta=0.0)
 
-    return {torch.ops.aten.softplus.default: softplus, torch.ops.aten.clamp.default: clamp}
+    return {torch.ops.aten.softplus.default: softplus, torch.ops.aten.hardtanh.default: hardtanh}
 
 
 def _fold(model: Any) -> Any:

@@ -253,9 +253,10 @@ def threshold_columns(table: PrefillTable) -> tuple[np.ndarray, np.ndarray, np.n
     +-inf still lands on the right side.
     """
     n_features = len(table.thresholds)
-    n_total = sum(len(t) for t in table.thresholds)
+    # Trees without a split still get one column, never hit (0 x - 1), so no tensor is empty.
+    n_total = max(1, sum(len(t) for t in table.thresholds))
     weight = np.zeros((n_features, n_total), dtype=np.float32)
-    bias = np.zeros(n_total, dtype=np.float32)
+    bias = np.full(n_total, -1.0, dtype=np.float32)
     strides = np.zeros(n_total, dtype=np.float32)
     j = 0
     for f, values in enumerate(table.thresholds):
@@ -330,8 +331,10 @@ class FusedPredictor(torch.nn.Module):
 
     def first_layer(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(shared first-layer activations, table row int64 [B]) of ``features`` [B, F]."""
-        # clamp(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
-        first = torch.clamp(torch.addmm(self.first_bias, features, self.first_weight), 0.0, 1.0)
+        # hardtanh(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
+        first = torch.nn.functional.hardtanh(
+            torch.addmm(self.first_bias, features, self.first_weight), 0.0, 1.0
+        )
         index = torch.matmul(first, self.strides).reshape(-1).to(torch.int64)
         return first, index
 

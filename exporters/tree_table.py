@@ -64,32 +64,6 @@ class PrefillTable:
     def n_cells(self) -> int:
         return int(self.table.shape[0])
 
-    def flat_thresholds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The thresholds of all features side by side, as the exported graph uses them.
-
-        Returns float64 ``select`` [F, N] (one-hot: column j copies the feature threshold j
-        belongs to), ``thresholds`` [N] and ``weights`` [N, 1] (the stride of that feature),
-        so that ``((x @ select) >= thresholds) @ weights`` is the row index.
-
-        Why float64: ``x @ select`` is then exact (x*1 + 0*others; a float32 x widens
-        exactly, and comparing widened float32 values is the float32 comparison XGBoost
-        makes), the index sum is exact (integers far below 2**53), and no GPU runs float64
-        matmuls in TF32, which would round x and the strides to 10-bit mantissas.
-        """
-        n_features = len(self.thresholds)
-        n_total = max(1, sum(len(t) for t in self.thresholds))
-        select = np.zeros((n_features, n_total), dtype=np.float64)
-        thresholds = np.full(n_total, np.inf, dtype=np.float64)  # +inf: never counts
-        weights = np.zeros((n_total, 1), dtype=np.float64)
-        j = 0
-        for f, values in enumerate(self.thresholds):
-            n = len(values)
-            select[f, j : j + n] = 1.0
-            thresholds[j : j + n] = values
-            weights[j : j + n] = float(self.strides[f])
-            j += n
-        return select, thresholds, weights
-
     def bins(self, features: np.ndarray) -> np.ndarray:
         """Cell coordinate per feature, int64 [B, F] (reference implementation in numpy)."""
         x = np.asarray(features, dtype=np.float32)
@@ -161,6 +135,15 @@ def representative_points(thresholds: np.ndarray) -> np.ndarray:
     return np.concatenate([[below], thresholds]).astype(np.float32)
 
 
+def row_strides(sizes: Sequence[int]) -> np.ndarray:
+    """Row-major strides of a grid with ``sizes`` bins per feature, last feature fastest;
+    int64 so the index never overflows."""
+    strides = np.ones(len(sizes), dtype=np.int64)
+    for f in range(len(sizes) - 2, -1, -1):
+        strides[f] = strides[f + 1] * sizes[f + 1]
+    return strides
+
+
 def compile_prefill_table(
     boosters: Sequence[xgb.Booster],
     predict: Callable[[np.ndarray], np.ndarray],
@@ -186,10 +169,7 @@ def compile_prefill_table(
             f"(bins per feature {' x '.join(map(str, sizes))}), above the limit of "
             f"{max_cells:,}; retrain with a smaller max_bin (e.g. --max-bin 64) or raise the limit"
         )
-    # Row-major strides, last feature fastest; int64 so the index never overflows.
-    strides = np.ones(n_features, dtype=np.int64)
-    for f in range(n_features - 2, -1, -1):
-        strides[f] = strides[f + 1] * sizes[f + 1]
+    strides = row_strides(sizes)
 
     reps = [representative_points(t) for t in thresholds]
     table = np.empty((n_cells, len(TABLE_COLUMNS)), dtype=np.float32)

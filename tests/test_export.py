@@ -40,6 +40,7 @@ from exporters.tree_table import (
     booster_predict_fn,
     compile_prefill_table,
     representative_points,
+    row_strides,
     split_thresholds,
 )
 from toolkit.cli import main
@@ -219,13 +220,10 @@ def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> 
 
 def _table_with(thresholds: list[list[float]]) -> PrefillTable:
     sizes = [len(t) + 1 for t in thresholds]
-    strides = np.ones(len(sizes), dtype=np.int64)
-    for f in range(len(sizes) - 2, -1, -1):
-        strides[f] = strides[f + 1] * sizes[f + 1]
     n_cells = int(np.prod(sizes))
     return PrefillTable(
         thresholds=tuple(np.asarray(t, dtype=np.float32) for t in thresholds),
-        strides=strides,
+        strides=row_strides(sizes),
         table=np.zeros((n_cells, 4), dtype=np.float32),
     )
 
