@@ -53,7 +53,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import xgboost as xgb
-from synthetic import make_samples, write_results_dir
+from synthetic import fit_small_model
 
 from exporters.export import (
     ONNX_FILE,
@@ -64,7 +64,6 @@ from exporters.export import (
 )
 from exporters.runtime import LatencyPredictor
 from reports.baselines import OriginalSingleNetworkModule
-from toolkit.data import load_results
 from toolkit.models.hybrid import HybridLatencyModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,14 +255,6 @@ def prefill_alone(
         )
 
 
-def fit_small_model(root: Path) -> HybridLatencyModel:
-    write_results_dir(root / "results", make_samples(n_per_config=4, seed=0))
-    loaded = load_results(root / "results")
-    return HybridLatencyModel(
-        num_epochs=5, device="cpu", prefill_params={"n_estimators": 200, "nthread": 1}
-    ).fit(loaded.samples, loaded.steps)
-
-
 def queries(
     model: HybridLatencyModel, n: int, tokens: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +319,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = load_model(args.checkpoint) if args.checkpoint else fit_small_model(root)
+        model = (
+            load_model(args.checkpoint)
+            if args.checkpoint
+            else fit_small_model(
+                root / "results",
+                seed=0,
+                n_per_config=4,
+                num_epochs=5,
+                n_estimators=200,
+                quantile_n_estimators=None,
+            )
+        )
         result = export_model(model, root / "exported", training_data=model.training_data)
         onnx_path, ts_path = root / "exported" / ONNX_FILE, root / "exported" / TORCHSCRIPT_FILE
         print(

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import make_samples, write_results_dir
+from synthetic import fit_small_model, make_samples, write_results_dir
 
 
 @pytest.fixture(autouse=True)
@@ -34,17 +34,17 @@ def small_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, 
     """(model, checkpoint dir, results dir): a real HybridLatencyModel fitted with tiny
     budgets on synthetic results and saved; shared by the export, budget and
     recalibration tests."""
-    from toolkit.data import load_results
-    from toolkit.models.hybrid import HybridLatencyModel
 
     root = tmp_path_factory.mktemp("small-trained")
-    write_results_dir(root / "results", make_samples(n_per_config=3, seed=1))
-    loaded = load_results(root / "results", cache=False)
-    model = HybridLatencyModel(
+    model = fit_small_model(
+        root / "results",
+        seed=1,
+        n_per_config=3,
         num_epochs=3,
-        device="cpu",
-        prefill_params={"n_estimators": 60, "quantile_n_estimators": 40, "nthread": 1},
-    ).fit(loaded.samples, loaded.steps)
+        n_estimators=60,
+        quantile_n_estimators=40,
+        cache=False,
+    )
     model.save(root / "ckpt")
     return model, root / "ckpt", root / "results"
 

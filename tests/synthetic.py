@@ -198,3 +198,33 @@ def write_results_dir(
             path.write_text(text)
         written.append(path)
     return written
+
+
+def fit_small_model(
+    results_dir: Path,
+    *,
+    seed: int,
+    n_per_config: int = 2,
+    num_epochs: int = 2,
+    n_estimators: int = 40,
+    quantile_n_estimators: int | None = 30,
+    val_fraction: float | None = None,
+    cache: bool = True,
+) -> Any:
+    """Write seeded synthetic results to ``results_dir`` and fit a small hybrid model on them
+    in seconds (on a ``val_fraction`` train split when given). Returns the fitted model."""
+    from toolkit.data import load_results
+    from toolkit.models.hybrid import HybridLatencyModel
+    from toolkit.training import split_samples
+
+    write_results_dir(results_dir, make_samples(n_per_config=n_per_config, seed=seed))
+    loaded = load_results(results_dir, cache=cache)
+    samples = loaded.samples
+    if val_fraction is not None:
+        samples, _ = split_samples(samples, val_fraction=val_fraction, seed=0)
+    prefill_params: dict[str, Any] = {"n_estimators": n_estimators, "nthread": 1}
+    if quantile_n_estimators is not None:  # else the model's default
+        prefill_params["quantile_n_estimators"] = quantile_n_estimators
+    return HybridLatencyModel(
+        num_epochs=num_epochs, device="cpu", prefill_params=prefill_params
+    ).fit(samples, loaded.steps)

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from synthetic import make_samples, write_results_dir
+from synthetic import fit_small_model
 
 from exporters.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model
 from exporters.fused import OUTPUT_NAMES
-from toolkit.data import load_results
 from toolkit.models.hybrid import HybridLatencyModel
 
 pytestmark = [
@@ -56,13 +55,7 @@ def built() -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[HybridLatencyModel, Path, Path]:
     root = tmp_path_factory.mktemp("cpp")
-    write_results_dir(root / "results", make_samples(n_per_config=2, seed=4))
-    loaded = load_results(root / "results")
-    model = HybridLatencyModel(
-        num_epochs=2,
-        device="cpu",
-        prefill_params={"n_estimators": 40, "quantile_n_estimators": 30, "nthread": 1},
-    ).fit(loaded.samples, loaded.steps)
+    model = fit_small_model(root / "results", seed=4)
     export_model(model, root / "out", training_data=model.training_data)
     queries = pl.DataFrame(
         {

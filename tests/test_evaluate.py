@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from synthetic import make_samples, write_results_dir
+from synthetic import fit_small_model, make_samples, write_results_dir
 
 from reports.baselines import (
     LinearBaseline,
@@ -325,19 +325,12 @@ def test_features_of_hand_frame_are_in_order() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, results_dir): a hybrid model trained in seconds on synthetic results."""
-    from toolkit.models.hybrid import HybridLatencyModel
-    from toolkit.training import split_samples
 
     root = tmp_path_factory.mktemp("cli")
     results = root / "results"
-    write_results_dir(results, make_samples(n_per_config=2, seed=3))
-    loaded = load_results(results)
-    train, _ = split_samples(loaded.samples, val_fraction=0.25, seed=0)
-    model = HybridLatencyModel(
-        num_epochs=2,
-        device="cpu",
-        prefill_params={"n_estimators": 30, "quantile_n_estimators": 20, "nthread": 1},
-    ).fit(train, loaded.steps)
+    model = fit_small_model(
+        results, seed=3, n_estimators=30, quantile_n_estimators=20, val_fraction=0.25
+    )
     model.save(root / "checkpoint")
     return root / "checkpoint", results
 

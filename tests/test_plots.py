@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from synthetic import decode_pass_ms, make_samples, write_results_dir
+from synthetic import decode_pass_ms, fit_small_model, make_samples, write_results_dir
 
 from reports.plots import FIGURE_NAMES, make_plots, pick_curve_configs
 from toolkit.data import load_results
@@ -86,17 +86,12 @@ def test_curve_configs_prefer_long_sequences_one_per_tier() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from toolkit.models.hybrid import HybridLatencyModel
 
     root = tmp_path_factory.mktemp("plot-cli")
     results = root / "results"
-    write_results_dir(results, make_samples(n_per_config=2, seed=4))
-    loaded = load_results(results)
-    HybridLatencyModel(
-        num_epochs=2,
-        device="cpu",
-        prefill_params={"n_estimators": 30, "quantile_n_estimators": 20, "nthread": 1},
-    ).fit(loaded.samples, loaded.steps).save(root / "checkpoint")
+    fit_small_model(results, seed=4, n_estimators=30, quantile_n_estimators=20).save(
+        root / "checkpoint"
+    )
     return root / "checkpoint", results
 
 

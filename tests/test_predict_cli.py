@@ -9,24 +9,17 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from synthetic import make_samples, write_results_dir
+from synthetic import fit_small_model
 
 from exporters.predict import OUTPUT_COLUMNS
 from toolkit.cli import main
-from toolkit.data import load_results
 from toolkit.models.hybrid import HybridLatencyModel
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[HybridLatencyModel, Path]:
     root = tmp_path_factory.mktemp("predict")
-    write_results_dir(root / "results", make_samples(n_per_config=2, seed=3))
-    loaded = load_results(root / "results")
-    model = HybridLatencyModel(
-        num_epochs=2,
-        device="cpu",
-        prefill_params={"n_estimators": 40, "quantile_n_estimators": 30, "nthread": 1},
-    ).fit(loaded.samples, loaded.steps)
+    model = fit_small_model(root / "results", seed=3)
     model.save(root / "ckpt")
     return model, root / "ckpt"
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import make_samples, write_results_dir
+from synthetic import fit_small_model
 
 from exporters.export import ONNX_FILE, export_model
 from exporters.runtime import InputError, LatencyPredictor, OutOfRangeWarning, tier_to_index
-from toolkit.data import load_results
 from toolkit.models.hybrid import HybridLatencyModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[HybridLatencyModel, Path]:
     root = tmp_path_factory.mktemp("runtime")
-    write_results_dir(root / "results", make_samples(n_per_config=2, seed=2))
-    loaded = load_results(root / "results")
-    model = HybridLatencyModel(
-        num_epochs=2,
-        device="cpu",
-        prefill_params={"n_estimators": 40, "quantile_n_estimators": 30, "nthread": 1},
-    ).fit(loaded.samples, loaded.steps)
+    model = fit_small_model(root / "results", seed=2)
     export_model(model, root / "out", formats=["onnx"], training_data=model.training_data)
     return model, root / "out" / ONNX_FILE
 
