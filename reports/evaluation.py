@@ -577,6 +577,35 @@ def load_checkpoint(checkpoint: str | Path) -> Any:
     return HybridLatencyModel.load(path)
 
 
+def load_model_and_samples(
+    checkpoint: str | Path,
+    results_dir: str | Path,
+    *,
+    dataset_names: Sequence[str] | None,
+    use_all_datasets: bool,
+    outlier_ms: float,
+    outlier_rel: float | None,
+    held_out_only: bool,
+) -> tuple[Any, Any, pl.DataFrame, int]:
+    """(model, the loaded results, the samples to score, how many training samples were
+    dropped): what ``latkit evaluate`` and ``latkit plot`` both start from."""
+    from toolkit.data import load_results
+
+    model = load_checkpoint(checkpoint)
+    loaded = load_results(
+        results_dir,
+        dataset_names=list(dataset_names) if dataset_names else None,
+        use_all_datasets=use_all_datasets,
+        outlier_ms=outlier_ms,
+        outlier_rel=outlier_rel,
+    )
+    samples = loaded.samples
+    n_dropped = 0
+    if held_out_only:
+        samples, n_dropped = held_out_samples(model, checkpoint, samples)
+    return model, loaded, samples, n_dropped
+
+
 def run_evaluation(
     checkpoint: str | Path,
     results_dir: str | Path,
@@ -600,18 +629,15 @@ def run_evaluation(
     """
     from toolkit.data import load_results
 
-    model = load_checkpoint(checkpoint)
-    loaded = load_results(
+    model, loaded, samples, n_dropped_training = load_model_and_samples(
+        checkpoint,
         results_dir,
-        dataset_names=list(dataset_names) if dataset_names else None,
+        dataset_names=dataset_names,
         use_all_datasets=use_all_datasets,
         outlier_ms=outlier_ms,
         outlier_rel=outlier_rel,
+        held_out_only=held_out_only,
     )
-    samples = loaded.samples
-    n_dropped_training = 0
-    if held_out_only:
-        samples, n_dropped_training = held_out_samples(model, checkpoint, samples)
     train_samples: pl.DataFrame | None = None
     train_steps: pl.DataFrame | None = None
     if baselines:

@@ -638,21 +638,18 @@ def run_plots(
     ``held_out_only`` drops the samples of the checkpoint's training split first (as in
     ``latkit evaluate --held-out-only``).
     """
-    from reports.evaluation import held_out_samples, load_checkpoint
-    from toolkit.data import load_results
+    from reports.evaluation import load_model_and_samples
     from toolkit.errors import LatkitError
 
-    model = load_checkpoint(checkpoint)
-    loaded = load_results(
+    model, loaded, samples, _ = load_model_and_samples(
+        checkpoint,
         results_dir,
-        dataset_names=list(dataset_names) if dataset_names else None,
+        dataset_names=dataset_names,
         use_all_datasets=use_all_datasets,
         outlier_ms=outlier_ms,
         outlier_rel=outlier_rel,
+        held_out_only=held_out_only,
     )
-    samples = loaded.samples
-    if held_out_only:
-        samples, _ = held_out_samples(model, checkpoint, samples)
-        if samples.height == 0:
-            raise LatkitError("no held-out samples left to plot")
+    if held_out_only and samples.height == 0:
+        raise LatkitError("no held-out samples left to plot")
     return make_plots(model, samples, loaded.steps, output_dir, max_samples=max_samples, seed=seed)
