@@ -6,9 +6,12 @@ import click
 
 from toolkit.cli.options import (
     checkpoint_option,
-    parse_dataset_names,
+    dataset_selection,
+    held_out_option,
     results_selection_options,
     setup_logging,
+    unused_option,
+    verbose_option,
 )
 
 
@@ -39,14 +42,9 @@ from toolkit.cli.options import (
     type=click.Path(file_okay=False, path_type=str),
     help="Training results for the baselines, for a checkpoint without training_data.parquet.",
 )
-@click.option(
-    "--held-out-only",
-    "--held_out_only",
-    "held_out_only",
-    is_flag=True,
-    default=False,
-    help="Drop the samples of the checkpoint's training split before scoring (for "
-    "evaluating on the directory the model was trained from).",
+@held_out_option(
+    "Drop the samples of the checkpoint's training split before scoring (for "
+    "evaluating on the directory the model was trained from)."
 )
 @click.option(
     "--single-network-epochs",
@@ -66,15 +64,7 @@ from toolkit.cli.options import (
     show_default=True,
     help="Torch device of the single-network baseline (cpu or cuda).",
 )
-@click.option(
-    "--batch-size",
-    "--batch_size",
-    "batch_size",
-    type=int,
-    default=None,
-    hidden=True,
-    help="Accepted for compatibility with the original script; unused.",
-)
+@unused_option("--batch-size", "--batch_size", "batch_size", type=int)
 @click.option(
     "--max-configs",
     "--max_configs",
@@ -84,7 +74,7 @@ from toolkit.cli.options import (
     show_default=True,
     help="Rows of the printed per-configuration table (the JSON has all).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def evaluate_command(
     checkpoint: str,
     results_dir: str,
@@ -113,12 +103,12 @@ def evaluate_command(
     # Imported here so `latkit --help` stays fast (torch, xgboost).
     from reports.evaluation import format_report, run_evaluation
 
-    names = parse_dataset_names(dataset_names)
+    names, use_all = dataset_selection(use_all_datasets, dataset_names)
     result = run_evaluation(
         checkpoint,
         results_dir,
         dataset_names=names,
-        use_all_datasets=use_all_datasets or names is None,
+        use_all_datasets=use_all,
         outlier_ms=outlier_ms,
         outlier_rel=outlier_rel,
         output_file=output_file,

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli.options import checkpoint_option, setup_logging
+from toolkit.cli.options import checkpoint_option, output_dir_option, setup_logging, verbose_option
 
 
 @click.command("export")
 @checkpoint_option()
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    "output_dir",
-    type=click.Path(path_type=str),
-    required=True,
-    help="Directory for latency_predictor.onnx / latency_predictor.ts.",
-)
+@output_dir_option("Directory for latency_predictor.onnx / latency_predictor.ts.")
 @click.option(
     "--format",
     "formats",
@@ -39,7 +32,7 @@ from toolkit.cli.options import checkpoint_option, setup_logging
     default=None,
     help="Largest prefill lookup table (cells) to build; default 4194304.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def export_command(
     checkpoint: str,
     output_dir: str,

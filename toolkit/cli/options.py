@@ -83,6 +83,54 @@ def checkpoint_option(help: str = "Model artifact directory written by `latkit t
     )
 
 
+#: ``-v`` / ``--verbose``: debug logging (see ``setup_logging``).
+verbose_option = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+
+
+def output_dir_option(help: str, *aliases: str, path_type: type = str) -> Any:
+    """``--output-dir`` (also ``--output_dir`` and ``aliases``): a directory to write."""
+    return click.option(
+        "--output-dir",
+        "--output_dir",
+        *aliases,
+        "output_dir",
+        type=click.Path(file_okay=False, path_type=path_type),
+        required=True,
+        help=help,
+    )
+
+
+def held_out_option(help: str) -> Any:
+    """``--held-out-only``: drop the checkpoint's training split before scoring/plotting."""
+    return click.option(
+        "--held-out-only",
+        "--held_out_only",
+        "held_out_only",
+        is_flag=True,
+        default=False,
+        help=help,
+    )
+
+
+def unused_option(*names: str, **attrs: Any) -> Any:
+    """An option of the original scripts that latkit accepts and ignores (hidden in --help)."""
+    return click.option(
+        *names,
+        default=None,
+        hidden=True,
+        help="Accepted for compatibility with the original script; unused.",
+        **attrs,
+    )
+
+
+def dataset_selection(
+    use_all_datasets: bool, dataset_names: str | None
+) -> tuple[list[str] | None, bool]:
+    """(dataset names, use all datasets) from the two options: all when no names are given."""
+    names = parse_dataset_names(dataset_names)
+    return names, use_all_datasets or names is None
+
+
 def parse_dataset_names(dataset_names: str | None) -> list[str] | None:
     if dataset_names is None:
         return None

@@ -6,23 +6,20 @@ import click
 
 from toolkit.cli.options import (
     checkpoint_option,
-    parse_dataset_names,
+    dataset_selection,
+    held_out_option,
+    output_dir_option,
     results_selection_options,
     setup_logging,
+    unused_option,
+    verbose_option,
 )
 
 
 @click.command("plot")
 @checkpoint_option()
 @results_selection_options()
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    "output_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=str),
-    help="Directory for the PNG figures (created if missing).",
-)
+@output_dir_option("Directory for the PNG figures (created if missing).")
 @click.option(
     "--max-samples",
     "--max_samples",
@@ -33,30 +30,10 @@ from toolkit.cli.options import (
     help="Plot a seeded random subset of at most this many samples.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset.")
-@click.option(
-    "--held-out-only",
-    "--held_out_only",
-    "held_out_only",
-    is_flag=True,
-    default=False,
-    help="Drop the samples of the checkpoint's training split before plotting.",
-)
-@click.option(
-    "--batch-size",
-    "--batch_size",
-    "batch_size",
-    type=int,
-    default=None,
-    hidden=True,
-    help="Accepted for compatibility with the original script; unused.",
-)
-@click.option(
-    "--device",
-    default=None,
-    hidden=True,
-    help="Accepted for compatibility with the original script; unused.",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@held_out_option("Drop the samples of the checkpoint's training split before plotting.")
+@unused_option("--batch-size", "--batch_size", "batch_size", type=int)
+@unused_option("--device")
+@verbose_option
 def plot_command(
     checkpoint: str,
     results_dir: str,
@@ -81,13 +58,13 @@ def plot_command(
     setup_logging(verbose)
     from reports.plots import run_plots
 
-    names = parse_dataset_names(dataset_names)
+    names, use_all = dataset_selection(use_all_datasets, dataset_names)
     paths = run_plots(
         checkpoint,
         results_dir,
         output_dir,
         dataset_names=names,
-        use_all_datasets=use_all_datasets or names is None,
+        use_all_datasets=use_all,
         outlier_ms=outlier_ms,
         outlier_rel=outlier_rel,
         max_samples=max_samples,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli.options import checkpoint_option, setup_logging
+from toolkit.cli.options import checkpoint_option, setup_logging, verbose_option
 from toolkit.errors import LatkitError
 
 
@@ -109,7 +109,7 @@ from toolkit.errors import LatkitError
     "(default: all 75 of the grid).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Budget mode: print JSON rows.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def predict_command(
     checkpoint: str,
     input_file: str | None,

@@ -6,18 +6,11 @@ from pathlib import Path
 
 import click
 
-from toolkit.cli.options import setup_logging
+from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
 
 
 @click.command("profile")
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    "output_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Results directory: one folder per dataset, plus logs/run.json.",
-)
+@output_dir_option("Results directory: one folder per dataset, plus logs/run.json.", path_type=Path)
 @click.option(
     "--preset",
     type=click.Choice(["tiny", "molmoe-1b"]),
@@ -99,7 +92,7 @@ from toolkit.cli.options import setup_logging
     "--gzip", "use_gzip", is_flag=True, help="Write .json.gz files (the loader reads both)."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def profile_command(
     output_dir: Path,
     preset: str,

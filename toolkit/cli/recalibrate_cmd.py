@@ -8,6 +8,7 @@ import click
 
 from toolkit.cli.options import (
     checkpoint_option,
+    output_dir_option,
     parse_dataset_names,
     results_selection_options,
     setup_logging,
@@ -33,13 +34,8 @@ from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
     show_default=True,
     help="affine: per-stage target = a x source + b (prefill, and each decode pass).",
 )
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    "output_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Where the recalibrated artifact goes (usable by every --checkpoint).",
+@output_dir_option(
+    "Where the recalibrated artifact goes (usable by every --checkpoint).", path_type=Path
 )
 @click.option(
     "--curve",

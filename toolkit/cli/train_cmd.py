@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
+from toolkit.cli.options import (
+    dataset_selection,
+    output_dir_option,
+    results_selection_options,
+    setup_logging,
+    verbose_option,
+)
 
 
 @click.command("train")
 @results_selection_options()
-@click.option(
-    "--output-dir",
-    "--output_dir",
+@output_dir_option(
+    "Model directory to write (what --checkpoint takes in the other commands).",
     "--checkpoint-path",
     "--checkpoint_path",
-    "output_dir",
-    type=click.Path(file_okay=False, path_type=str),
-    required=True,
-    help="Model directory to write (what --checkpoint takes in the other commands).",
 )
 @click.option(
     "--device",
@@ -86,7 +87,7 @@ from toolkit.cli.options import parse_dataset_names, results_selection_options, 
     default=None,
     help="Use at most this many samples (seeded draw).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 def train_command(
     results_dir: str,
     use_all_datasets: bool,
@@ -112,12 +113,12 @@ def train_command(
     from toolkit.training import train_model
 
     setup_logging(verbose)
-    names = parse_dataset_names(dataset_names)
+    names, use_all = dataset_selection(use_all_datasets, dataset_names)
     train_model(
         results_dir,
         output_dir,
         dataset_names=names,
-        use_all_datasets=use_all_datasets or names is None,
+        use_all_datasets=use_all,
         outlier_ms=outlier_ms,
         outlier_rel=outlier_rel,
         device=device,
