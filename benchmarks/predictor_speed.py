@@ -107,7 +107,7 @@ def floor_model() -> bytes:
     import onnx
     from onnx import TensorProto, helper
 
-    from exporters.fused import OUTPUT_NAMES
+    from toolkit.features import OUTPUT_NAMES
 
     nodes = [helper.make_node("Identity", ["output_tokens"], [name]) for name in OUTPUT_NAMES]
     graph = helper.make_graph(

@@ -36,7 +36,6 @@ from exporters.budget import (
 )
 from exporters.fused import (
     INPUT_NAMES,
-    OUTPUT_NAMES,
     FusedPredictor,
     GenericDecode,
     decode_agreement,
@@ -51,7 +50,7 @@ from exporters.tree_table import (
 from toolkit import __version__
 from toolkit.atomic import atomic_path, write_bytes_atomic
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, TIERS, default_vision_tokens
+from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, TIERS, default_vision_tokens
 
 if TYPE_CHECKING:
     from toolkit.models.hybrid import HybridLatencyModel

@@ -51,16 +51,6 @@ from toolkit.models.decode import K0, N_BASIS, decode_outputs
 
 log = logging.getLogger(__name__)
 
-#: Output names in graph order: the four of the export contract, then the quantiles.
-OUTPUT_NAMES: tuple[str, ...] = (
-    "prefill_ms",
-    "decode_total_ms",
-    "decode_per_token_ms",
-    "total_ms",
-    "prefill_p90_ms",
-    "prefill_p95_ms",
-    "prefill_p50_ms",
-)
 INPUT_NAMES: tuple[str, ...] = ("features", "output_tokens")
 #: Largest table the float32 row index addresses exactly.
 MAX_EXACT_CELLS = 1 << 24
@@ -132,13 +122,12 @@ class FoldedDecode(torch.nn.Module):
     def reading_after(self, skip: int, input_scale: float) -> FoldedDecode:
         """A copy whose first layer reads ``skip`` leading columns (the thresholds) with
         weight 0 and the rest scaled by ``input_scale`` (a power of two: exact)."""
-        layers = [_copy_linear(layer) for layer in self.layers]
-        if layers:
-            layers[0] = _copy_linear(self.layers[0], skip, input_scale)
-            head = _copy_linear(self.head)
-        else:
-            head = _copy_linear(self.head, skip, input_scale)
-        copy = FoldedDecode(layers, head, self.token_weight.reshape(-1), float(self.offset))
+        readers = [*self.layers, self.head]  # the first one reads the shared Gemm
+        copies = [_copy_linear(readers[0], skip, input_scale)]
+        copies += [_copy_linear(layer) for layer in readers[1:]]
+        copy = FoldedDecode(
+            copies[:-1], copies[-1], self.token_weight.reshape(-1), float(self.offset)
+        )
         return copy.eval()
 
     def coefficients(self, first: Tensor, features: Tensor) -> Tensor:
@@ -281,8 +270,8 @@ def threshold_columns(table: PrefillTable) -> tuple[np.ndarray, np.ndarray, np.n
 class FusedPredictor(torch.nn.Module):
     """``forward(features [B,5] float32, output_tokens [B] float32)`` -> 7 tensors [B].
 
-    Outputs in ``OUTPUT_NAMES`` order. The decode total for any output_tokens is a closed
-    form (O(1) per row), never a loop over positions.
+    Outputs in ``toolkit.features.OUTPUT_NAMES`` order. The decode total for any
+    output_tokens is a closed form (O(1) per row), never a loop over positions.
     """
 
     if TYPE_CHECKING:  # buffers, declared for mypy only (TorchScript rejects the annotations)

@@ -17,7 +17,13 @@ import polars as pl
 from exporters.runtime import InputError, tier_to_index
 from toolkit.atomic import atomic_path
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, TIERS, default_vision_tokens
+from toolkit.features import (
+    FEATURE_NAMES,
+    OUTPUT_NAMES,
+    PREFILL_BOUND_COLUMNS,
+    TIERS,
+    default_vision_tokens,
+)
 
 if TYPE_CHECKING:
     from toolkit.models.hybrid import HybridLatencyModel
@@ -30,15 +36,8 @@ INPUT_COLUMNS: tuple[str, ...] = (
     "num_active_blocks",
     "output_tokens",
 )
-OUTPUT_COLUMNS: tuple[str, ...] = (
-    "prefill_ms",
-    "decode_total_ms",
-    "decode_per_token_ms",
-    "total_ms",
-    "prefill_p50_ms",
-    "prefill_p90_ms",
-    "prefill_p95_ms",
-)
+#: Output columns of batch mode: the four of the contract, then the quantiles in ascending order.
+OUTPUT_COLUMNS: tuple[str, ...] = (*OUTPUT_NAMES[:4], *list(PREFILL_BOUND_COLUMNS.values())[1:])
 _NUMERIC = ("vision_tokens", "text_tokens", "top_k", "num_active_blocks", "output_tokens")
 
 

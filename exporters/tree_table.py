@@ -26,7 +26,7 @@ import numpy as np
 import xgboost as xgb
 
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES
+from toolkit.features import FEATURE_NAMES, PREFILL_BOUND_COLUMNS
 
 #: Largest table we build by default: 2**22 cells x 4 float32 = 64 MiB. Beyond that the
 #: exported file gets large and the fill (one model call per cell) slow.
@@ -36,12 +36,7 @@ DEFAULT_MAX_CELLS = 1 << 22
 HARD_MAX_CELLS = 1 << 24
 
 #: Column order of the table.
-TABLE_COLUMNS: tuple[str, ...] = (
-    "prefill_ms",
-    "prefill_p50_ms",
-    "prefill_p90_ms",
-    "prefill_p95_ms",
-)
+TABLE_COLUMNS: tuple[str, ...] = tuple(PREFILL_BOUND_COLUMNS.values())
 
 # Rows per call when filling the table: bounds the memory of the representative points.
 _FILL_CHUNK = 1 << 18

@@ -20,7 +20,7 @@ import pytest
 from synthetic import fit_small_model
 
 from exporters.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model
-from exporters.fused import OUTPUT_NAMES
+from toolkit.features import OUTPUT_NAMES
 from toolkit.models.hybrid import HybridLatencyModel
 
 pytestmark = [

@@ -29,7 +29,6 @@ from exporters.export import (
     threshold_probe_rows,
 )
 from exporters.fused import (
-    OUTPUT_NAMES,
     FusedPredictor,
     GenericDecode,
     fold_decode_net,
@@ -45,7 +44,7 @@ from exporters.tree_table import (
 )
 from toolkit.cli import main
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES
+from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES
 from toolkit.models.decode import DecodeNet
 from toolkit.models.hybrid import HybridLatencyModel
 

@@ -24,6 +24,7 @@ import polars as pl
 from toolkit.features import (
     GRID_BLOCKS,
     GRID_TOP_K,
+    PREFILL_BOUND_COLUMNS,
     TIERS,
     config_name,
     default_vision_tokens,
@@ -32,12 +33,7 @@ from toolkit.features import (
 
 PredictFn = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
 
-BOUNDS: Final[dict[str, str]] = {
-    "mean": "prefill_ms",
-    "p50": "prefill_p50_ms",
-    "p90": "prefill_p90_ms",
-    "p95": "prefill_p95_ms",
-}
+BOUNDS: Final[dict[str, str]] = PREFILL_BOUND_COLUMNS
 RANKINGS: Final[tuple[str, ...]] = ("fastest", "quality")
 DEFAULT_SAFETY: Final[float] = 0.8
 #: Largest output length the budget search considers.

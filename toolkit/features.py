@@ -26,6 +26,25 @@ PREFILL_MONOTONE: Final[tuple[int, ...]] = (1, 1, 0, 1, 1)
 GRID_TOP_K: Final[tuple[int, ...]] = (4, 6, 8, 10, 12)
 GRID_BLOCKS: Final[tuple[int, ...]] = (8, 10, 12, 14, 16)
 
+#: The prefill column of each controller bound: the mean, then the quantile heads.
+PREFILL_BOUND_COLUMNS: Final[dict[str, str]] = {
+    "mean": "prefill_ms",
+    "p50": "prefill_p50_ms",
+    "p90": "prefill_p90_ms",
+    "p95": "prefill_p95_ms",
+}
+#: Outputs of the exported predictor, in graph order: the four of the export contract, then
+#: the quantiles.
+OUTPUT_NAMES: Final[tuple[str, ...]] = (
+    "prefill_ms",
+    "decode_total_ms",
+    "decode_per_token_ms",
+    "total_ms",
+    "prefill_p90_ms",
+    "prefill_p95_ms",
+    "prefill_p50_ms",
+)
+
 #: Vision tokens per crop after 2x2 pooling; the prompt holds (crops + 1) x this.
 VISION_TOKENS_PER_CROP: Final[int] = 144
 
