@@ -33,7 +33,7 @@ from reports.baselines import (
     OriginalSingleNetwork,
     decode_passes,
 )
-from reports.metrics import RegressionMetrics, regression_metrics
+from toolkit.metrics import RegressionMetrics, regression_metrics
 from toolkit.atomic import write_json_atomic
 from toolkit.errors import LatkitError
 from toolkit.features import config_name

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from reports.baselines import decode_passes
-from reports.metrics import regression_metrics
+from toolkit.metrics import regression_metrics
 from toolkit.atomic import atomic_path
 from toolkit.features import TIERS, feature_matrix
 

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from reports.evaluation import jsonable, score_predictions, write_evaluation
-from reports.metrics import regression_metrics
+from toolkit.metrics import regression_metrics
 
 
 def test_regression_metrics_hand_computed() -> None:

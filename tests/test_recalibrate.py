@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from synthetic import make_samples, write_results_dir
 
-from reports.metrics import regression_metrics
+from toolkit.metrics import regression_metrics
 from toolkit.cli import main
 from toolkit.data import load_results
 from toolkit.models.calibration import Calibration

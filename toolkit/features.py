@@ -34,7 +34,7 @@ PREFILL_BOUND_COLUMNS: Final[dict[str, str]] = {
     "p95": "prefill_p95_ms",
 }
 #: Outputs of the exported predictor, in graph order: the four of the export contract, then
-#: the quantiles.
+#: the bounds (new outputs are appended, never inserted: embedders read by name or position).
 OUTPUT_NAMES: Final[tuple[str, ...]] = (
     "prefill_ms",
     "decode_total_ms",
@@ -43,7 +43,15 @@ OUTPUT_NAMES: Final[tuple[str, ...]] = (
     "prefill_p90_ms",
     "prefill_p95_ms",
     "prefill_p50_ms",
+    "total_p90_ms",
+    "total_p95_ms",
 )
+#: The total column of each controller bound (a decision on prefill + decode uses these).
+TOTAL_BOUND_COLUMNS: Final[dict[str, str]] = {
+    "mean": "total_ms",
+    "p90": "total_p90_ms",
+    "p95": "total_p95_ms",
+}
 
 #: Vision tokens per crop after 2x2 pooling; the prompt holds (crops + 1) x this.
 VISION_TOKENS_PER_CROP: Final[int] = 144
@@ -89,3 +97,54 @@ def feature_matrix(samples: pl.DataFrame) -> np.ndarray:
     if missing:
         raise KeyError(f"samples frame lacks feature columns: {', '.join(missing)}")
     return samples.select(FEATURE_NAMES).to_numpy().astype(np.float32, copy=False)
+
+
+#: How far beyond its training range the prefill model is trusted, as a share of the range's
+#: width on each side: the physics baseline carries it there (tested on a dense grid); past
+#: it, ``latkit predict`` and the runtime flag the input as extrapolated.
+EXTRAPOLATION_MARGIN: Final[float] = 0.5
+
+#: The smallest possible value of each feature (and of output_tokens): below it an input is
+#: impossible, an error everywhere, not a range warning.
+FEATURE_MINIMUM: Final[dict[str, float]] = {
+    "vision_tokens": 0.0,
+    "text_tokens": 0.0,
+    "tier_idx": 0.0,
+    "top_k": 1.0,
+    "num_active_blocks": 1.0,
+    "output_tokens": 0.0,
+}
+
+
+def supported_range(name: str, low: float, high: float) -> tuple[float, float]:
+    """The range a model trained on [low, high] of feature ``name`` answers without an
+    extrapolation flag: ``EXTRAPOLATION_MARGIN`` of the width beyond each end (tier: exact)."""
+    if name == "tier_idx":
+        return float(low), float(high)
+    width = float(high) - float(low)
+    return (
+        max(FEATURE_MINIMUM.get(name, -np.inf), float(low) - EXTRAPOLATION_MARGIN * width),
+        float(high) + EXTRAPOLATION_MARGIN * width,
+    )
+
+
+def impossible_inputs(features: np.ndarray, output_tokens: np.ndarray | None = None) -> list[str]:
+    """One message per feature with impossible values (below ``FEATURE_MINIMUM``, NaN/inf,
+    or a tier other than 0, 1, 2); empty when every row is possible."""
+    x = np.asarray(features, dtype=np.float64)
+    problems = []
+    columns = [(name, x[:, i]) for i, name in enumerate(FEATURE_NAMES)]
+    if output_tokens is not None:
+        columns.append(("output_tokens", np.asarray(output_tokens, dtype=np.float64).ravel()))
+    for name, values in columns:
+        bad = ~np.isfinite(values) | (values < FEATURE_MINIMUM[name])
+        if name == "tier_idx":
+            bad |= ~np.isin(values, np.arange(len(TIERS)))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            what = "0, 1 or 2" if name == "tier_idx" else f">= {FEATURE_MINIMUM[name]:g}"
+            problems.append(
+                f"{name} must be {what}: {int(bad.sum())} row(s), "
+                f"first row {row} has {values[row]:g}"
+            )
+    return problems

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from reports.metrics import regression_metrics
 from toolkit.errors import LatkitError
+from toolkit.metrics import regression_metrics
 from toolkit.models.calibration import Calibration
 from toolkit.models.hybrid import HybridLatencyModel
 

@@ -87,6 +87,31 @@ def split_samples(
     return samples.filter(~series), samples.filter(series)
 
 
+#: The knob splits of DESIGN.md ("Knob splits"): which configurations are never profiled.
+KNOB_SPLITS: tuple[str, ...] = ("config", "sparse", "extrap")
+_SPARSE_TOP_K: tuple[int, ...] = (4, 8, 12)
+_SPARSE_BLOCKS: tuple[int, ...] = (8, 12, 16)
+
+
+def knob_split(samples: pl.DataFrame, name: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(profiled, never profiled) samples of a knob split (DESIGN.md, "Knob splits").
+
+    - ``config``: hold out every configuration with top_k 10 or 14 blocks (interpolation);
+    - ``sparse``: profile top_k 4/8/12 x blocks 8/12/16 of every tier, hold out the rest;
+    - ``extrap``: hold out every configuration with top_k 12 or 16 blocks (the largest).
+    """
+    k, n = pl.col("top_k"), pl.col("num_active_blocks")
+    if name == "config":
+        held = (k == 10) | (n == 14)
+    elif name == "sparse":
+        held = ~(k.is_in(list(_SPARSE_TOP_K)) & n.is_in(list(_SPARSE_BLOCKS)))
+    elif name == "extrap":
+        held = (k == 12) | (n == 16)
+    else:
+        raise LatkitError(f"unknown knob split {name!r}: expected one of {', '.join(KNOB_SPLITS)}")
+    return samples.filter(~held), samples.filter(held)
+
+
 def subsample(samples: pl.DataFrame, max_samples: int | None, seed: int) -> pl.DataFrame:
     """At most ``max_samples`` rows, drawn with the seed (row order kept)."""
     if max_samples is None or samples.height <= max_samples:

@@ -13,7 +13,7 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
 @output_dir_option("Results directory: one folder per dataset, plus logs/run.json.", path_type=Path)
 @click.option(
     "--preset",
-    type=click.Choice(["tiny", "molmoe-1b"]),
+    type=click.Choice(["tiny", "small", "molmoe-1b"]),
     default="tiny",
     show_default=True,
     help="Model dimensions: 'molmoe-1b' is MolmoE-1B's (for a GPU), 'tiny' fits a CPU sweep.",

@@ -1,5 +1,7 @@
-"""Latency models: XGBoost prefill, positional decode network, and their hybrid artifact."""
+"""Latency models: physics x XGBoost prefill, positional decode network, conformal bounds, and
+their hybrid artifact."""
 
+from toolkit.models.bounds import ConformalBounds
 from toolkit.models.decode import (
     N_BASIS,
     DecodeNet,
@@ -8,14 +10,16 @@ from toolkit.models.decode import (
     decode_outputs,
 )
 from toolkit.models.hybrid import EpochLog, HybridLatencyModel, resolve_device
-from toolkit.models.prefill import QUANTILE_ALPHAS, PrefillModel
+from toolkit.models.physics import PhysicsBaseline
+from toolkit.models.prefill import PrefillModel
 
 __all__ = [
     "N_BASIS",
-    "QUANTILE_ALPHAS",
+    "ConformalBounds",
     "DecodeNet",
     "EpochLog",
     "HybridLatencyModel",
+    "PhysicsBaseline",
     "PrefillModel",
     "decode_basis",
     "decode_basis_prefix_sum",

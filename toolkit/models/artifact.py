@@ -1,6 +1,6 @@
 """The model artifact directory: files, manifest, checksums, atomic save, verified load.
 
-Layout (see the contract): ``prefill.ubj``, ``prefill_quantiles.ubj`` (XGBoost UBJSON),
+Layout (see the contract): ``prefill.ubj`` (XGBoost UBJSON: the residual trees),
 ``decode_net.safetensors``, ``training_data.parquet`` and ``manifest.json``. The manifest
 lists the SHA-256 of every other file and carries ``manifest_sha256``, a digest of its own
 canonical JSON (without that field), so a flipped byte anywhere — data file or manifest —
@@ -21,15 +21,16 @@ from toolkit.errors import LatkitError
 FORMAT: Final[str] = "latkit-hybrid"
 # 2: ReLU decode network on raw features, power-sum basis (version 1 artifacts: SiLU, log
 # token counts, a saturating basis term; refused with a message to retrain).
-FORMAT_VERSION: Final[int] = 2
+# 3: prefill = physics baseline x residual trees (weights in the manifest), bounds calibrated
+# by conformal prediction (factors in the manifest); no quantile booster. Version 2 artifacts
+# are refused with a message to retrain.
+FORMAT_VERSION: Final[int] = 3
 MANIFEST: Final[str] = "manifest.json"
 PREFILL_FILE: Final[str] = "prefill.ubj"
-PREFILL_QUANTILES_FILE: Final[str] = "prefill_quantiles.ubj"
 DECODE_FILE: Final[str] = "decode_net.safetensors"
 TRAINING_DATA_FILE: Final[str] = "training_data.parquet"
 REQUIRED_FILES: Final[tuple[str, ...]] = (
     PREFILL_FILE,
-    PREFILL_QUANTILES_FILE,
     DECODE_FILE,
     TRAINING_DATA_FILE,
 )

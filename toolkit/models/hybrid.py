@@ -48,10 +48,10 @@ import xgboost as xgb
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from reports.metrics import regression_metrics
 from toolkit import __version__
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, feature_matrix
+from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, feature_matrix, impossible_inputs
+from toolkit.metrics import bias_share, coverage, regression_metrics
 from toolkit.models.artifact import (
     DECODE_FILE,
     FORMAT,
@@ -59,6 +59,7 @@ from toolkit.models.artifact import (
     read_verified_manifest,
     write_artifact,
 )
+from toolkit.models.bounds import ConformalBounds
 from toolkit.models.calibration import Calibration
 from toolkit.models.decode import (
     BASIS_TERMS,
@@ -69,9 +70,12 @@ from toolkit.models.decode import (
     decode_basis_prefix_sum,
     decode_outputs,
 )
-from toolkit.models.prefill import QUANTILE_ALPHAS, PrefillModel
+from toolkit.models.prefill import PrefillModel
 
 log = logging.getLogger(__name__)
+
+#: The bound outputs (every ``*_pXX_ms`` of ``OUTPUT_NAMES``).
+BOUND_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_NAMES if "_p" in n and n.endswith("_ms"))
 
 #: Columns kept in ``training_data.parquet`` (baselines of ``evaluate`` refit on them).
 TRAINING_DATA_COLUMNS: tuple[str, ...] = (
@@ -268,6 +272,7 @@ class HybridLatencyModel:
         prefill_params: dict[str, Any] | None = None,
         cpu_threads: int | None = 1,
         sum_loss: str = "log",
+        calibration_fraction: float = 0.5,
     ) -> None:
         self.device = device
         self.seed = seed
@@ -284,12 +289,17 @@ class HybridLatencyModel:
         if sum_loss not in ("mse", "log"):
             raise ValueError(f"sum_loss must be 'mse' or 'log', got {sum_loss!r}")
         self.sum_loss = sum_loss
+        if not 0.0 < calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+        self.calibration_fraction = calibration_fraction
         self.decode_net = DecodeNet(hidden=hidden, n_layers=n_layers)
         self.manifest = {}
         self.training_data: pl.DataFrame | None = None
         self.history: list[EpochLog] = []
         # Identity unless ``latkit recalibrate`` moved the model to another machine.
         self.calibration = Calibration()
+        # Conformal factors of the bounds (identity until fit calibrates them).
+        self.bounds = ConformalBounds()
         self._decode_scale_ms = 1.0
         self._decode_counts: dict[str, int] = {}
 
@@ -308,6 +318,7 @@ class HybridLatencyModel:
             "prefill_params": dict(self.prefill_params),
             "cpu_threads": self.cpu_threads,
             "sum_loss": self.sum_loss,
+            "calibration_fraction": self.calibration_fraction,
         }
 
     # -- fit ----------------------------------------------------------------------------
@@ -321,18 +332,22 @@ class HybridLatencyModel:
         on_epoch: Callable[[EpochLog], None] | None = None,
         progress: bool = False,
     ) -> Self:
-        """Fit the trees (early stopping on ``val_samples``), then the decode net.
+        """Fit the prefill model (early stopping on ``val_samples``), then the decode net,
+        then calibrate the bounds.
 
-        ``on_epoch`` is called after every decode epoch; ``progress`` shows a tqdm bar on
-        stderr. The decode weights of the epoch with the lowest validation loss are kept.
+        The calibration part: a seeded ``calibration_fraction`` of ``val_samples`` (the rest
+        serves early stopping), or, without validation samples, a seeded 20 % of ``samples``
+        (the model is fitted on the other 80 %). ``on_epoch`` is called after every decode
+        epoch; ``progress`` shows a tqdm bar on stderr. The decode weights of the epoch with
+        the lowest validation loss are kept.
         """
         _check_columns(samples, "training samples")
         if samples.height == 0:
             raise LatkitError("no training samples")
-        has_val = val_samples is not None and val_samples.height > 0
-        if has_val:
-            assert val_samples is not None
+        if val_samples is not None and val_samples.height > 0:
             _check_columns(val_samples, "validation samples")
+        samples, val_samples, calibration_samples = self._calibration_split(samples, val_samples)
+        has_val = val_samples is not None and val_samples.height > 0
         device = resolve_device(self.device)
 
         x = feature_matrix(samples)
@@ -361,10 +376,41 @@ class HybridLatencyModel:
             progress,
         )
 
+        self.bounds = ConformalBounds()
+        if calibration_samples.height:
+            pred = self.predict_frame(calibration_samples)
+            prefill_true = calibration_samples["T_prefill_total"].to_numpy().astype(np.float64)
+            decode_true = calibration_samples["T_LLM_decode"].to_numpy().astype(np.float64)
+            self.bounds = ConformalBounds.fit(
+                prefill_true, pred["prefill_ms"], prefill_true + decode_true, pred["total_ms"]
+            )
         present = [c for c in TRAINING_DATA_COLUMNS if c in samples.columns]
         self.training_data = samples.select(present)
         self.manifest = self._describe(samples, val_samples if has_val else None)
+        self.manifest["training_summary"]["n_calibration"] = calibration_samples.height
         return self
+
+    def _calibration_split(
+        self, samples: pl.DataFrame, val_samples: pl.DataFrame | None
+    ) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame]:
+        """(fit samples, early-stopping samples, calibration samples); see ``fit``."""
+        rng = np.random.default_rng([self.seed, 29])
+        if val_samples is not None and val_samples.height >= 2:
+            pick = np.zeros(val_samples.height, dtype=bool)
+            n_cal = max(
+                1,
+                min(val_samples.height - 1, round(val_samples.height * self.calibration_fraction)),
+            )
+            pick[rng.permutation(val_samples.height)[:n_cal]] = True
+            mask = pl.Series(pick)
+            return samples, val_samples.filter(~mask), val_samples.filter(mask)
+        if samples.height < 10:
+            # Too few to spare any: uncalibrated bounds (factors 1), said in the manifest.
+            return samples, val_samples, samples.head(0)
+        pick = np.zeros(samples.height, dtype=bool)
+        pick[rng.permutation(samples.height)[: samples.height // 5]] = True
+        mask = pl.Series(pick)
+        return samples.filter(~mask), val_samples, samples.filter(mask)
 
     def _prefill_rel_mse(self, x: np.ndarray, y: np.ndarray) -> float:
         ok = y > 0
@@ -518,23 +564,25 @@ class HybridLatencyModel:
         tokens = np.asarray(output_tokens, dtype=np.float32).reshape(-1)
         if tokens.shape[0] != x.shape[0]:
             raise ValueError(f"{x.shape[0]} feature rows but {tokens.shape[0]} output_tokens")
+        problems = impossible_inputs(x, tokens)
+        if problems:
+            raise LatkitError("impossible input: " + "; ".join(problems))
         cal = self.calibration
         prefill = cal.prefill(self.prefill.predict(x))
-        quantiles = cal.prefill(self.prefill.predict_quantiles(x))
         with torch.no_grad():
             total, _ = decode_outputs(self._decode_coef(x), torch.from_numpy(tokens))
         passes = np.clip(tokens.astype(np.float64) - 1.0, 0.0, None)
         decode_total = cal.decode_total(total.numpy().astype(np.float64), passes)
         per_token = np.where(passes > 0, decode_total / np.maximum(passes, 1.0), 0.0)
-        return {
+        total = prefill + decode_total
+        out = {
             "prefill_ms": prefill,
             "decode_total_ms": decode_total,
             "decode_per_token_ms": per_token,
-            "total_ms": prefill + decode_total,
-            "prefill_p50_ms": quantiles[:, 0],
-            "prefill_p90_ms": quantiles[:, 1],
-            "prefill_p95_ms": quantiles[:, 2],
+            "total_ms": total,
         }
+        out.update(self.bounds.apply(prefill, total))
+        return {name: out[name] for name in OUTPUT_NAMES}
 
     def answer_budget(self, text_tokens: int, budget_ms: float, **options: Any) -> pl.DataFrame:
         """Which configurations fit ``budget_ms`` for one request, ranked, with output room.
@@ -554,16 +602,23 @@ class HybridLatencyModel:
 
         return max_output_tokens(self.predict, features, budget_ms, bound=bound)
 
-    def with_calibration(self, calibration: Calibration) -> HybridLatencyModel:
-        """A copy that predicts through ``calibration`` (see ``toolkit.models.calibration``)."""
+    def with_calibration(
+        self, calibration: Calibration, bounds: ConformalBounds | None = None
+    ) -> HybridLatencyModel:
+        """A copy that predicts through ``calibration`` (see ``toolkit.models.calibration``)
+        and, when given, with re-calibrated ``bounds``."""
         calibrated = copy.copy(self)
         calibrated.calibration = calibration
         calibrated.manifest = {**self.manifest, "calibration": calibration.to_dict()}
+        if bounds is not None:
+            calibrated.bounds = bounds
+            calibrated.manifest["bounds"] = bounds.to_dict()
         return calibrated
 
     def uncalibrated(self) -> HybridLatencyModel:
-        """A copy with the identity calibration: the model as it was trained."""
-        return self.with_calibration(Calibration())
+        """A copy with the identity calibration: the model as it was trained (bounds too)."""
+        trained = ConformalBounds.from_dict(self.manifest.get("trained_bounds"))
+        return self.with_calibration(Calibration(), trained if self.manifest else None)
 
     def predict_frame(self, samples: pl.DataFrame) -> dict[str, np.ndarray]:
         return self.predict(feature_matrix(samples), samples["output_tokens"].to_numpy())
@@ -614,9 +669,11 @@ class HybridLatencyModel:
                 "params": self.prefill.get_params(),
                 "base_score": self.prefill.base_score,
                 "n_trees": self.prefill.booster.num_boosted_rounds(),
-                "n_quantile_rounds": self.prefill.quantile_booster.num_boosted_rounds(),
-                "quantile_alphas": list(QUANTILE_ALPHAS),
+                "baseline": self.prefill.baseline.to_dict(),
             },
+            "bounds": self.bounds.to_dict(),
+            # The bounds as training calibrated them (recalibration replaces "bounds").
+            "trained_bounds": self.bounds.to_dict(),
             "n_basis": N_BASIS,
             "decode_basis": {"terms": list(BASIS_TERMS), "K0": K0},
             "decode_net": self.decode_net.hyper_params(),
@@ -657,11 +714,19 @@ class HybridLatencyModel:
             out["decode_per_token"] = _clean_metrics(
                 regression_metrics(per_token[has_passes], pred["decode_per_token_ms"][has_passes])
             )
-        out["prefill_quantile_coverage"] = {
-            name: _finite_float(float(np.mean(prefill_true <= pred[f"prefill_{name}_ms"])))
-            if samples.height
-            else None
-            for name in ("p50", "p90", "p95")
+        total_true = prefill_true + decode_true
+        out["coverage"] = {
+            name: _finite_float(
+                coverage(total_true if name.startswith("total") else prefill_true, pred[name])
+            )
+            for name in BOUND_OUTPUTS
+        }
+        out["bias"] = {
+            "prefill": _finite_float(bias_share(prefill_true, pred["prefill_ms"])),
+            "decode_total": _finite_float(
+                bias_share(decode_true[has_passes], pred["decode_total_ms"][has_passes])
+            ),
+            "total": _finite_float(bias_share(total_true, pred["total_ms"])),
         }
         return out
 
@@ -706,7 +771,9 @@ class HybridLatencyModel:
             net = DecodeNet(**manifest["decode_net"])
         except (KeyError, TypeError, ValueError) as exc:
             raise LatkitError(f"{where}: incomplete manifest ({exc})") from None
-        model.prefill = PrefillModel.load(directory, prefill_params)
+        model.prefill = PrefillModel.load(
+            directory, prefill_params, manifest["prefill"].get("baseline")
+        )
         model.prefill.target_transform = str(manifest.get("target_transform", "log"))
         try:
             state = load_file(str(directory / DECODE_FILE))
@@ -722,7 +789,8 @@ class HybridLatencyModel:
             raise LatkitError(f"{directory / TRAINING_DATA_FILE}: unreadable ({exc})") from None
         try:
             model.calibration = Calibration.from_dict(manifest.get("calibration"))
+            model.bounds = ConformalBounds.from_dict(manifest.get("bounds"))
         except (KeyError, TypeError, ValueError) as exc:
-            raise LatkitError(f"{where}: bad calibration block ({exc})") from None
+            raise LatkitError(f"{where}: bad calibration or bounds block ({exc})") from None
         model.manifest = manifest
         return model

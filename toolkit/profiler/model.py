@@ -79,6 +79,26 @@ PRESETS: dict[str, ModelPreset] = {
         vit_layers=23,
         projector_hidden=4096,
     ),
+    # Wide enough that arithmetic, not per-op overhead, sets a CPU's latency (d_model 128,
+    # 4 heads, expert hidden 128, a 2-layer ViT of width 128), small enough that a full
+    # 75-configuration sweep of 9 datasets x 3 samples x 2 repeats takes about an hour on
+    # one thread. Same structure as the others (16 blocks, 64 experts, top-k, 144 tokens
+    # per crop, KV cache, 50k vocabulary). See data/README.md for what it measured.
+    "small": ModelPreset(
+        name="small",
+        d_model=128,
+        num_layers=16,
+        num_heads=4,
+        num_experts=64,
+        default_top_k=8,
+        expert_hidden=128,
+        vocab_size=50304,
+        vit_width=128,
+        vit_heads=4,
+        vit_mlp=512,
+        vit_layers=2,
+        projector_hidden=256,
+    ),
     # Small enough that the full 75-configuration sweep (3 repeats, 3375 samples) runs in
     # about 25 minutes on one thread of a slow, shared CPU, while keeping what shapes the
     # latency: 16 decoder blocks, 64 experts with top-k routing, 144 tokens per crop (so up to

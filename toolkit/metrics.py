@@ -1,4 +1,5 @@
-"""Regression metrics of latency predictions, with the original tools' relative error."""
+"""Metrics of latency predictions (regression, coverage of bounds, bias); models and reports
+both use them, so they live below both."""
 
 from __future__ import annotations
 
@@ -50,3 +51,19 @@ def regression_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> RegressionMetric
     return RegressionMetrics(
         n=n, mae_ms=mae, rmse_ms=rmse, mape_pct=mape, r2=r2, rel_error_pct=rel_error
     )
+
+
+def coverage(y_true: ArrayLike, bound: ArrayLike) -> float:
+    """Share of actuals at or below ``bound`` (the observed coverage of an upper bound);
+    NaN when empty."""
+    true = np.asarray(y_true, dtype=np.float64).ravel()
+    upper = np.asarray(bound, dtype=np.float64).ravel()
+    if true.shape != upper.shape:
+        raise ValueError(f"y_true has {true.size} values, bound {upper.size}")
+    return float(np.mean(true <= upper)) if true.size else math.nan
+
+
+def bias_share(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Share of actuals at or below the point prediction: 0.5 for an unbiased model, near 0
+    for one that predicts low; NaN when empty."""
+    return coverage(y_true, y_pred)
