@@ -18,11 +18,13 @@ from exporters.runtime import InputError, tier_to_index
 from toolkit.atomic import atomic_path
 from toolkit.errors import LatkitError
 from toolkit.features import (
+    FEATURE_MINIMUM,
     FEATURE_NAMES,
     OUTPUT_NAMES,
     PREFILL_BOUND_COLUMNS,
     TIERS,
     default_vision_tokens,
+    impossible_inputs,
 )
 
 if TYPE_CHECKING:
@@ -36,8 +38,14 @@ INPUT_COLUMNS: tuple[str, ...] = (
     "num_active_blocks",
     "output_tokens",
 )
-#: Output columns of batch mode: the four of the contract, then the quantiles in ascending order.
-OUTPUT_COLUMNS: tuple[str, ...] = (*OUTPUT_NAMES[:4], *list(PREFILL_BOUND_COLUMNS.values())[1:])
+#: Output columns of batch mode: the four of the contract, the prefill bounds in ascending
+#: order, then (appended in latkit 0.3) the total bounds; then the ``extrapolated`` flag.
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    *OUTPUT_NAMES[:4],
+    *list(PREFILL_BOUND_COLUMNS.values())[1:],
+    *[name for name in OUTPUT_NAMES if name.startswith("total_p")],
+)
+EXTRAPOLATED_COLUMN = "extrapolated"
 _NUMERIC = ("vision_tokens", "text_tokens", "top_k", "num_active_blocks", "output_tokens")
 
 
@@ -105,21 +113,36 @@ def table_inputs(frame: pl.DataFrame, source: str = "input") -> tuple[np.ndarray
             raise LatkitError(f"{source}: row {i + 1}: {exc}") from None
     columns["tier_idx"] = tier_idx
     features = np.stack([columns[name] for name in FEATURE_NAMES], axis=1).astype(np.float32)
-    return features, columns["output_tokens"].astype(np.float32)
+    tokens = columns["output_tokens"].astype(np.float32)
+    problems = impossible_inputs(features, tokens)
+    if problems:
+        # Row numbers in messages are 1-based like the other input errors.
+        raise LatkitError(f"{source}: impossible input: " + "; ".join(problems))
+    return features, tokens
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    frame: pl.DataFrame
+    warnings: list[str]
 
 
 def predict_file(
     model: HybridLatencyModel, input_file: str | Path, output_file: str | Path
-) -> pl.DataFrame:
-    """Predict every row of ``input_file`` and write input + predictions to ``output_file``."""
+) -> BatchPrediction:
+    """Predict every row of ``input_file`` and write input + predictions (and the
+    ``extrapolated`` flag) to ``output_file``; ``warnings`` has one line per feature that
+    lies beyond the model's supported range."""
     frame = read_table(input_file)
     features, tokens = table_inputs(frame, str(input_file))
     out = model.predict(features, tokens)
+    flags, warnings = model.extrapolation(features)
     result = frame.with_columns(
         [pl.Series(name, np.asarray(out[name], dtype=np.float64)) for name in OUTPUT_COLUMNS]
+        + [pl.Series(EXTRAPOLATED_COLUMN, flags)]
     )
     write_table(result, output_file)
-    return result
+    return BatchPrediction(frame=result, warnings=warnings)
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,7 @@ class SinglePrediction:
     text_tokens: float
     output_tokens: float
     values: dict[str, float]
+    warnings: list[str]
 
     def block(self) -> str:
         """The block the original ``test_adaptive_inference.py --test_latency_estimator``
@@ -143,6 +167,9 @@ class SinglePrediction:
                 f"  T_decode_total: {v['decode_total_ms']:.2f}ms (sum of positioned latencies)",
                 f"  T_decode_per_token_avg: {v['decode_per_token_ms']:.2f}ms/token (average)",
                 f"  T_total (estimated): {v['total_ms']:.2f}ms",
+                f"  Bounds: prefill P90 {v['prefill_p90_ms']:.2f}ms, P95 "
+                f"{v['prefill_p95_ms']:.2f}ms; total P90 {v['total_p90_ms']:.2f}ms, P95 "
+                f"{v['total_p95_ms']:.2f}ms",
             ]
         )
 
@@ -172,12 +199,14 @@ def predict_single(
         "output_tokens": output_tokens,
     }
     for key, value in values.items():
-        if not np.isfinite(value) or value < 0:
-            raise LatkitError(f"--{key.replace('_', '-')}: must be a non-negative number")
+        minimum = FEATURE_MINIMUM[key]
+        if not np.isfinite(value) or value < minimum:
+            raise LatkitError(f"--{key.replace('_', '-')}: must be a number >= {minimum:g}")
     features = np.array(
         [[vision_tokens, text_tokens, index, top_k, num_active_blocks]], dtype=np.float32
     )
     out: dict[str, Any] = model.predict(features, np.array([output_tokens], dtype=np.float32))
+    _, warnings = model.extrapolation(features)
     return SinglePrediction(
         tier=name,
         top_k=int(top_k),
@@ -186,4 +215,5 @@ def predict_single(
         text_tokens=float(text_tokens),
         output_tokens=float(output_tokens),
         values={k: float(np.asarray(out[k])[0]) for k in OUTPUT_COLUMNS},
+        warnings=warnings,
     )

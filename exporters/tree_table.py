@@ -1,4 +1,4 @@
-"""Compile XGBoost prefill boosters into one exact lookup table.
+"""Compile the XGBoost prefill booster into one exact lookup table.
 
 An ensemble of axis-aligned trees is piecewise constant on the grid whose cells are cut by
 every split threshold the trees use. XGBoost sends a row left iff ``x < t`` with both sides in
@@ -9,8 +9,12 @@ float32, so for one feature the cell of ``x`` is
 and every tree's decision path, hence every output, is constant on a cell. The table is
 filled by asking the *model itself* for one float32 representative point per cell (bin 0:
 the float32 just below the first threshold; bin i: threshold i-1 exactly). Base score,
-``tree_info`` routing of multi-output trees, the target transform and the quantile sort are
-therefore exact by construction, not re-implemented.
+``tree_info`` routing and the target transform are therefore exact by construction, not
+re-implemented.
+
+What is compiled: the residual factor ``exp(margin)`` of the prefill model's one booster
+(``PrefillModel.residual_factor``), one float32 column. The physics baseline it multiplies
+is a polynomial the exported graph evaluates itself (``exporters.fused``).
 
 At run time the lookup is a handful of ordinary tensor ops (compare, cast, multiply,
 sum, gather) that TorchScript, ONNX and ONNX Runtime's CUDA provider all run.
@@ -26,17 +30,17 @@ import numpy as np
 import xgboost as xgb
 
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, PREFILL_BOUND_COLUMNS
+from toolkit.features import FEATURE_NAMES
 
-#: Largest table we build by default: 2**22 cells x 4 float32 = 64 MiB. Beyond that the
+#: Largest table we build by default: 2**22 cells x 1 float32 = 16 MiB. Beyond that the
 #: exported file gets large and the fill (one model call per cell) slow.
 DEFAULT_MAX_CELLS = 1 << 22
-#: Hard limit: 2**24 cells (256 MiB), the most a float32 row index in the exported graph
+#: Hard limit: 2**24 cells (64 MiB), the most a float32 row index in the exported graph
 #: addresses exactly (exporters.fused).
 HARD_MAX_CELLS = 1 << 24
 
-#: Column order of the table.
-TABLE_COLUMNS: tuple[str, ...] = tuple(PREFILL_BOUND_COLUMNS.values())
+#: What the table holds: the prefill booster's residual factor exp(margin).
+TABLE_COLUMN = "residual_factor"
 
 # Rows per call when filling the table: bounds the memory of the representative points.
 _FILL_CHUNK = 1 << 18
@@ -44,11 +48,11 @@ _FILL_CHUNK = 1 << 18
 
 @dataclass(frozen=True)
 class PrefillTable:
-    """The compiled prefill model.
+    """The compiled prefill booster.
 
     thresholds: per feature, the sorted unique float32 split thresholds.
     strides: int64 [n_features]; row = sum_f bin_f * strides[f].
-    table: float32 [n_cells, 4] in ``TABLE_COLUMNS`` order.
+    table: float32 [n_cells], the residual factor of each cell (``TABLE_COLUMN``).
     """
 
     thresholds: tuple[np.ndarray, ...]
@@ -71,7 +75,7 @@ class PrefillTable:
         )
 
     def lookup(self, features: np.ndarray) -> np.ndarray:
-        """Table rows for ``features`` (float32 [B, F]) -> float32 [B, 4] (numpy reference)."""
+        """Table values for ``features`` (float32 [B, F]) -> float32 [B] (numpy reference)."""
         return self.table[self.bins(features) @ self.strides]
 
 
@@ -86,7 +90,9 @@ def _tree_model(booster: xgb.Booster) -> dict:
     raise LatkitError(f"prefill booster uses {name!r}; only tree boosters can be exported")
 
 
-def split_thresholds(boosters: Sequence[xgb.Booster], n_features: int) -> tuple[np.ndarray, ...]:
+def split_thresholds(
+    boosters: Sequence[xgb.Booster], n_features: int = len(FEATURE_NAMES)
+) -> tuple[np.ndarray, ...]:
     """Every numeric split threshold of every tree of ``boosters``, per feature, float32 sorted.
 
     Read from the model JSON (never the text dump, which has lost precision before).
@@ -147,9 +153,10 @@ def compile_prefill_table(
 ) -> PrefillTable:
     """Build the table of ``predict`` over the threshold grid of ``boosters``.
 
-    ``predict`` maps float32 [n, F] to [n, 4] (mean, P50, P90, P95 in ms) and must be the
-    very function the Python model serves (so transform and quantile sorting are its own).
-    Refuses grids above ``max_cells`` rather than write an enormous file.
+    ``predict`` maps float32 [n, F] to [n] (the residual factor) and must be the very
+    function the Python model serves (``PrefillModel.residual_factor``), so that the base
+    score and the transform are its own. Refuses grids above ``max_cells`` rather than write
+    an enormous file.
     """
     if max_cells > HARD_MAX_CELLS:
         raise ValueError(f"max_cells {max_cells} above the hard limit {HARD_MAX_CELLS}")
@@ -167,7 +174,7 @@ def compile_prefill_table(
     strides = row_strides(sizes)
 
     reps = [representative_points(t) for t in thresholds]
-    table = np.empty((n_cells, len(TABLE_COLUMNS)), dtype=np.float32)
+    table = np.empty(n_cells, dtype=np.float32)
     for start in range(0, n_cells, _FILL_CHUNK):
         stop = min(start + _FILL_CHUNK, n_cells)
         flat = np.arange(start, stop, dtype=np.int64)
@@ -175,31 +182,24 @@ def compile_prefill_table(
         for f in range(n_features):
             points[:, f] = reps[f][(flat // strides[f]) % sizes[f]]
         values = np.asarray(predict(points), dtype=np.float32)
-        if values.shape != (stop - start, len(TABLE_COLUMNS)):
-            raise ValueError(f"predict returned shape {values.shape}, expected [n, 4]")
+        if values.shape != (stop - start,):
+            raise ValueError(f"predict returned shape {values.shape}, expected [{stop - start}]")
         table[start:stop] = values
-    if not np.isfinite(table).all():
-        raise LatkitError("prefill model predicts non-finite values on its own split grid")
+    if not (np.isfinite(table).all() and (table > 0).all()):
+        raise LatkitError(
+            "prefill booster gives a non-finite or non-positive residual factor on its own "
+            "split grid"
+        )
     return PrefillTable(thresholds=thresholds, strides=strides, table=table)
 
 
-def booster_predict_fn(
-    booster: xgb.Booster, quantile_booster: xgb.Booster, target_transform: str = "identity"
-) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict`` for :func:`compile_prefill_table` straight from two boosters.
-
-    Used where no ``PrefillModel`` is at hand (tests). Mirrors the contract: prediction =
-    f(margin), f = exp for "log"; quantiles sorted so P50 <= P90 <= P95.
-    """
-    if target_transform not in ("identity", "log"):
-        raise LatkitError(f"unknown target_transform {target_transform!r}")
+def booster_residual_fn(booster: xgb.Booster) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` for :func:`compile_prefill_table` straight from a booster trained on the
+    log residual: ``exp(margin)``, as ``PrefillModel.residual_factor`` computes it. Used where
+    no ``PrefillModel`` is at hand (tests)."""
 
     def predict(points: np.ndarray) -> np.ndarray:
-        mean = np.asarray(booster.inplace_predict(points), dtype=np.float32).reshape(-1, 1)
-        quant = np.asarray(quantile_booster.inplace_predict(points), dtype=np.float32)
-        quant = quant.reshape(len(points), -1)
-        if target_transform == "log":
-            mean, quant = np.exp(mean), np.exp(quant)
-        return np.concatenate([mean, np.sort(quant, axis=1)], axis=1)
+        margin = np.asarray(booster.inplace_predict(points), dtype=np.float64).reshape(-1)
+        return np.exp(margin)
 
     return predict

@@ -11,6 +11,9 @@ from a training samples frame (columns of ``toolkit.data`` / ``training_data.par
 - :class:`OriginalSingleNetwork` — the original research network
   (``experiments/controller/latency_estimator.py``): one MLP trunk for both prefill and
   per-position decode, trained with ``2 x prefill MSE + 1 x decode-total MSE``.
+- :class:`TreesOnlyPrefill` — latkit 0.2's prefill: XGBoost alone on log(ms), monotone
+  (``PrefillModel(structure="trees")``). Prefill only: its ``predict_frame`` has no decode
+  keys, and the report leaves its decode cells empty.
 
 Decode passes: a sample with ``output_tokens = N`` has ``n_decode_passes`` passes (``N - 1``
 unless ``T_decode_per_step`` said otherwise). ``decode_per_token_ms`` is the predicted decode
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Self
+from collections.abc import Mapping
+from typing import Any, Self
 
 import numpy as np
 import polars as pl
@@ -31,6 +35,7 @@ from sklearn.linear_model import LinearRegression
 from torch import Tensor, nn
 
 from toolkit.features import FEATURE_NAMES, feature_matrix
+from toolkit.models.prefill import PrefillModel
 
 __all__ = [
     "BASELINE_NAMES",
@@ -38,11 +43,12 @@ __all__ = [
     "LookupTableBaseline",
     "OriginalSingleNetwork",
     "OriginalSingleNetworkModule",
+    "TreesOnlyPrefill",
     "decode_passes",
 ]
 
 #: Keys of the baselines block of the evaluation JSON, in table order.
-BASELINE_NAMES: tuple[str, ...] = ("lookup_table", "linear", "single_network")
+BASELINE_NAMES: tuple[str, ...] = ("lookup_table", "linear", "single_network", "trees_only")
 
 _CONFIG_KEYS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
 
@@ -438,3 +444,37 @@ class OriginalSingleNetwork:
             "decode_total_ms": total.astype(np.float64),
             "decode_per_token_ms": per_token.astype(np.float64),
         }
+
+
+class TreesOnlyPrefill:
+    """latkit 0.2's prefill model: ``PrefillModel(structure="trees")``, trees alone on log(ms).
+
+    ``prefill_params`` are further ``PrefillModel`` parameters (e.g. the evaluated model's own,
+    so the comparison isolates the structure); ``structure``, ``seed`` and ``device`` are
+    always this baseline's. Early stopping on the prefill model's internal seeded 10 % split.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int = 3407,
+        device: str = "cpu",
+        prefill_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.seed = seed
+        self.device = device
+        self.prefill_params = dict(prefill_params or {})
+
+    def fit(self, samples: pl.DataFrame, steps: pl.DataFrame | None = None) -> Self:
+        del steps
+        if samples.height == 0:
+            raise ValueError("TreesOnlyPrefill.fit: empty training frame")
+        params = {**self.prefill_params, "structure": "trees", "seed": self.seed}
+        params["device"] = self.device
+        self.model_ = PrefillModel(**params).fit(
+            feature_matrix(samples), samples["T_prefill_total"].to_numpy()
+        )
+        return self
+
+    def predict_frame(self, samples: pl.DataFrame) -> dict[str, np.ndarray]:
+        return {"prefill_ms": self.model_.predict(feature_matrix(samples))}

@@ -5,6 +5,12 @@
 null); ``run_evaluation`` is the one function the CLI calls (load checkpoint and data, evaluate,
 write).
 
+Beyond accuracy: ``coverage`` (share of actuals at or below each bound output, against its
+nominal level) and ``bias`` (share of actuals at or below the point prediction, 0.5 =
+unbiased), and every configuration marked ``profiled`` or not (in the model's training data
+or not), with the never-profiled configurations scored apart (``profiling``): DESIGN.md's
+"configs never profiled" and "safe bounds" targets.
+
 Targets, as the original tools defined them:
 
 - ``prefill``: ``T_prefill_total`` (vision + LLM prefill), every sample.
@@ -31,18 +37,23 @@ from reports.baselines import (
     LinearBaseline,
     LookupTableBaseline,
     OriginalSingleNetwork,
+    TreesOnlyPrefill,
     decode_passes,
 )
-from toolkit.metrics import RegressionMetrics, regression_metrics
 from toolkit.atomic import write_json_atomic
 from toolkit.errors import LatkitError
 from toolkit.features import config_name
+from toolkit.metrics import RegressionMetrics, bias_share, coverage, regression_metrics
+from toolkit.models.bounds import PREFILL_LEVELS, TOTAL_LEVELS
+from toolkit.training import CONFIG_KEYS
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BOUND_LEVELS",
     "METRIC_KEYS",
     "Predictor",
+    "coverage_and_bias",
     "drop_training_samples",
     "evaluate_model",
     "fit_baselines",
@@ -52,6 +63,8 @@ __all__ = [
     "model_training_data",
     "noise_floor",
     "per_config_table",
+    "profiled_mask",
+    "profiling_summary",
     "run_evaluation",
     "score_predictions",
     "write_evaluation",
@@ -66,6 +79,7 @@ MODEL_LABELS: dict[str, str] = {
     "lookup_table": "lookup table (config means)",
     "linear": "linear regression",
     "single_network": "original single network",
+    "trees_only": "trees-only prefill (latkit 0.2)",
 }
 
 #: Columns a samples frame needs for scoring.
@@ -93,64 +107,181 @@ def _check_columns(samples: pl.DataFrame, what: str) -> None:
 def score_predictions(
     samples: pl.DataFrame, predictions: Mapping[str, np.ndarray]
 ) -> dict[str, RegressionMetrics]:
-    """Metric blocks ``prefill``, ``decode_total``, ``decode_per_token`` of one model."""
+    """Metric blocks ``prefill``, ``decode_total``, ``decode_per_token`` of one model (the
+    decode blocks only when it predicts ``decode_total_ms``: a prefill-only baseline has
+    none)."""
+    prefill_true = samples["T_prefill_total"].to_numpy()
+    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
+    scores = {"prefill": regression_metrics(prefill_true, prefill_pred)}
+    if "decode_total_ms" not in predictions:
+        return scores
     passes = decode_passes(samples)
     has = passes > 0
-    prefill_true = samples["T_prefill_total"].to_numpy()
     decode_true = samples["T_LLM_decode"].to_numpy()
-    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
     decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
-    return {
-        "prefill": regression_metrics(prefill_true, prefill_pred),
-        "decode_total": regression_metrics(decode_true[has], decode_pred[has]),
-        "decode_per_token": regression_metrics(
-            decode_true[has] / passes[has], decode_pred[has] / passes[has]
-        ),
+    scores["decode_total"] = regression_metrics(decode_true[has], decode_pred[has])
+    scores["decode_per_token"] = regression_metrics(
+        decode_true[has] / passes[has], decode_pred[has] / passes[has]
+    )
+    return scores
+
+
+#: Nominal coverage of every bound output (``prefill_p90_ms`` -> 0.90), prefill then total,
+#: levels ascending. (Not ``hybrid.BOUND_OUTPUTS``: its ``"_p"`` test also matches
+#: ``decode_per_token_ms``.)
+BOUND_LEVELS: dict[str, float] = {
+    **{f"prefill_{name}_ms": level for name, level in PREFILL_LEVELS.items()},
+    **{f"total_{name}_ms": level for name, level in TOTAL_LEVELS.items()},
+}
+
+
+def coverage_and_bias(
+    samples: pl.DataFrame, predictions: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """``coverage``: share of actuals at or below each bound output the predictions have
+    (``prefill_*`` against ``T_prefill_total``, ``total_*`` against prefill + decode);
+    ``bias``: share of actuals at or below the point prediction (0.5 = unbiased) of
+    ``prefill``, ``decode_total`` (samples with passes) and ``total``, the latter two when the
+    model predicts decode. The same definitions as ``HybridLatencyModel.evaluate``
+    (``toolkit.metrics``)."""
+    prefill_true = samples["T_prefill_total"].to_numpy().astype(np.float64)
+    decode_true = samples["T_LLM_decode"].to_numpy().astype(np.float64)
+    total_true = prefill_true + decode_true
+    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
+    covered = {
+        name: coverage(total_true if name.startswith("total_") else prefill_true, predictions[name])
+        for name in BOUND_LEVELS
+        if name in predictions
     }
+    bias = {"prefill": bias_share(prefill_true, prefill_pred)}
+    if "decode_total_ms" in predictions:
+        has = decode_passes(samples) > 0
+        decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
+        total_pred = np.asarray(predictions.get("total_ms", prefill_pred + decode_pred))
+        bias["decode_total"] = bias_share(decode_true[has], decode_pred[has])
+        bias["total"] = bias_share(total_true, total_pred)
+    return {"coverage": covered, "bias": bias}
+
+
+def _config_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(
+        pl.col("tier").cast(pl.Utf8),
+        pl.col("top_k").cast(pl.Int64),
+        pl.col("num_active_blocks").cast(pl.Int64),
+    )
+
+
+def profiled_mask(samples: pl.DataFrame, training: pl.DataFrame | None) -> np.ndarray | None:
+    """Per sample: is its configuration (tier, top_k, num_active_blocks) in ``training`` (the
+    model's training data)? None when ``training`` is None or lacks those columns."""
+    if training is None or not set(CONFIG_KEYS) <= set(training.columns):
+        return None
+    profiled = _config_frame(training).unique().with_columns(pl.lit(True).alias("_profiled"))
+    joined = _config_frame(samples).join(
+        profiled, on=list(CONFIG_KEYS), how="left", maintain_order="left"
+    )
+    return joined["_profiled"].fill_null(False).to_numpy().astype(bool)
+
+
+def _ape(pred: np.ndarray, true: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Absolute percentage error where ``keep`` and the actual is positive, else NaN."""
+    ok = keep & (true > 0)
+    return np.where(ok, np.abs(pred - true) / np.where(ok, true, 1.0) * 100.0, np.nan)
 
 
 def per_config_table(
-    samples: pl.DataFrame, predictions: Mapping[str, np.ndarray]
-) -> dict[str, dict[str, float | int]]:
-    """``{"<tier>_<k>_<blocks>": {count, prefill_mae_ms, decode_total_mae_ms}}``, by count.
+    samples: pl.DataFrame,
+    predictions: Mapping[str, np.ndarray],
+    profiled: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{"<tier>_<k>_<blocks>": {count, prefill_mae_ms, decode_total_mae_ms,
+    prefill_mape_pct, decode_total_mape_pct, profiled}}``, by count.
 
-    ``decode_total_mae_ms`` covers the configuration's samples with at least one decode pass
-    (NaN when it has none). Ties in count keep the configuration names in sorted order.
+    The decode columns cover the configuration's samples with at least one decode pass (NaN
+    when it has none). ``profiled`` (see ``profiled_mask``) is None when unknown. Ties in count
+    keep the configuration names in sorted order.
     """
     passes = decode_passes(samples)
+    prefill_true = samples["T_prefill_total"].to_numpy().astype(np.float64)
+    decode_true = samples["T_LLM_decode"].to_numpy().astype(np.float64)
+    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
+    decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
+    everything = np.ones(samples.height, dtype=bool)
     frame = pl.DataFrame(
         {
             "tier": samples["tier"].cast(pl.Utf8),
             "top_k": samples["top_k"].cast(pl.Int64),
             "blocks": samples["num_active_blocks"].cast(pl.Int64),
-            "prefill_err": np.abs(
-                np.asarray(predictions["prefill_ms"], dtype=np.float64)
-                - samples["T_prefill_total"].to_numpy()
-            ),
-            "decode_err": np.where(
-                passes > 0,
-                np.abs(
-                    np.asarray(predictions["decode_total_ms"], dtype=np.float64)
-                    - samples["T_LLM_decode"].to_numpy()
-                ),
-                np.nan,
-            ),
+            "prefill_err": np.abs(prefill_pred - prefill_true),
+            "decode_err": np.where(passes > 0, np.abs(decode_pred - decode_true), np.nan),
+            "prefill_ape": _ape(prefill_pred, prefill_true, everything),
+            "decode_ape": _ape(decode_pred, decode_true, passes > 0),
+            "profiled": everything if profiled is None else np.asarray(profiled, dtype=bool),
         }
-    ).with_columns(pl.col("decode_err").fill_nan(None))
+    ).with_columns(pl.col("decode_err", "prefill_ape", "decode_ape").fill_nan(None))
     grouped = frame.group_by("tier", "top_k", "blocks").agg(
         pl.len().alias("count"),
         pl.col("prefill_err").mean().alias("prefill_mae_ms"),
         pl.col("decode_err").mean().alias("decode_total_mae_ms"),
+        pl.col("prefill_ape").mean().alias("prefill_mape_pct"),
+        pl.col("decode_ape").mean().alias("decode_total_mape_pct"),
+        pl.col("profiled").first(),
     )
-    table: dict[str, dict[str, float | int]] = {}
+
+    def number(value: Any) -> float:
+        return math.nan if value is None else float(value)
+
+    table: dict[str, dict[str, Any]] = {}
     for row in grouped.iter_rows(named=True):
-        decode_mae = row["decode_total_mae_ms"]
         table[config_name(row["tier"], row["top_k"], row["blocks"])] = {
             "count": int(row["count"]),
             "prefill_mae_ms": float(row["prefill_mae_ms"]),
-            "decode_total_mae_ms": math.nan if decode_mae is None else float(decode_mae),
+            "decode_total_mae_ms": number(row["decode_total_mae_ms"]),
+            "prefill_mape_pct": number(row["prefill_mape_pct"]),
+            "decode_total_mape_pct": number(row["decode_total_mape_pct"]),
+            "profiled": None if profiled is None else bool(row["profiled"]),
         }
     return dict(sorted(table.items(), key=lambda item: (-int(item[1]["count"]), item[0])))
+
+
+def _mape_ratio(unprofiled: Mapping[str, Any], profiled: Mapping[str, Any]) -> float:
+    never, seen = unprofiled.get("mape_pct", math.nan), profiled.get("mape_pct", math.nan)
+    ok = all(isinstance(v, float) and math.isfinite(v) for v in (never, seen)) and seen > 0
+    return float(never / seen) if ok else math.nan
+
+
+def profiling_summary(
+    samples: pl.DataFrame, predictions: Mapping[str, np.ndarray], profiled: np.ndarray
+) -> dict[str, Any]:
+    """Metrics of the profiled and of the never-profiled configurations separately.
+
+    ``profiled`` / ``unprofiled``: ``n_configs``, ``n_samples``, the ``prefill`` and
+    ``decode_total`` metric blocks, ``bias`` and ``coverage`` (as ``coverage_and_bias``);
+    ``mape_ratio``: never-profiled MAPE / profiled MAPE of prefill and decode total (DESIGN.md
+    targets 1.10x interpolation, 1.15x sparse grid, 1.25x beyond the grid; NaN when a side is
+    empty).
+    """
+    out: dict[str, Any] = {}
+    for name, keep in (("profiled", profiled), ("unprofiled", ~profiled)):
+        part = samples.filter(pl.Series(keep))
+        part_pred = {k: np.asarray(v)[keep] for k, v in predictions.items()}
+        scores = score_predictions(part, part_pred)
+        block: dict[str, Any] = {
+            "n_configs": int(_config_frame(part).unique().height),
+            "n_samples": int(part.height),
+        }
+        block.update({k: v for k, v in scores.items() if k in ("prefill", "decode_total")})
+        checks = coverage_and_bias(part, part_pred)
+        block["bias"] = checks["bias"]
+        if checks["coverage"]:
+            block["coverage"] = checks["coverage"]
+        out[name] = block
+    out["mape_ratio"] = {
+        target: _mape_ratio(out["unprofiled"][target], out["profiled"][target])
+        for target in ("prefill", "decode_total")
+        if target in out["profiled"]
+    }
+    return out
 
 
 #: Samples with equal values here did identical work (same knobs, same prompt length);
@@ -225,8 +356,14 @@ def fit_baselines(
     single_network_epochs: int = 50,
     seed: int = 3407,
     device: str = "cpu",
+    prefill_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Predictor]:
-    """The three baselines, fit on the same training samples, keyed as in the JSON."""
+    """The baselines, fit on the same training samples, keyed as in the JSON.
+
+    ``prefill_params``: ``PrefillModel`` parameters of the trees-only prefill (the evaluated
+    model's own, so that only the structure differs); its structure, seed and device are the
+    baseline's.
+    """
     _check_columns(train_samples, "training data")
     models: dict[str, Predictor] = {}
     started = time.perf_counter()
@@ -234,6 +371,8 @@ def fit_baselines(
     models["linear"] = LinearBaseline().fit(train_samples, train_steps)
     network = OriginalSingleNetwork(epochs=single_network_epochs, seed=seed, device=device)
     models["single_network"] = network.fit(train_samples, train_steps)
+    trees = TreesOnlyPrefill(seed=seed, device=device, prefill_params=prefill_params)
+    models["trees_only"] = trees.fit(train_samples, train_steps)
     log.info(
         "Fit baselines on %d training samples in %.1f s (single network: %d epochs)",
         train_samples.height,
@@ -246,6 +385,12 @@ def fit_baselines(
 def _passes_range(samples: pl.DataFrame) -> list[int]:
     passes = decode_passes(samples)
     return [int(passes.min()), int(passes.max())] if passes.size else [0, 0]
+
+
+def _prefill_params(model: Any) -> dict[str, Any] | None:
+    """The ``PrefillModel`` parameters of a hybrid model (None for anything else)."""
+    get_params = getattr(getattr(model, "prefill", None), "get_params", None)
+    return dict(get_params()) if callable(get_params) else None
 
 
 def evaluate_model(
@@ -261,27 +406,40 @@ def evaluate_model(
     seed: int = 3407,
     device: str = "cpu",
     fitted_baselines: Mapping[str, Predictor] | None = None,
+    model_training: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The evaluation dict of ``latkit evaluate`` (keys as in issue 5, extra keys welcome).
 
     ``steps`` is accepted for symmetry with the loader; the metrics use sample totals. With
     ``baselines=True`` the baselines are fit on ``train_samples`` (or ``fitted_baselines`` are
     used as they are) and scored on the same ``samples``.
+
+    ``model_training`` (default: ``model.training_data``) is the data the model was fitted
+    on: a configuration in it is ``profiled``, and the ``profiling`` block scores the
+    profiled and the never-profiled configurations separately (for the model and each
+    baseline). Without it, ``profiled`` is None and there is no ``profiling`` block.
     """
     del steps
     _check_columns(samples, "evaluation samples")
     if samples.height == 0:
         raise LatkitError("no samples to evaluate")
+    if model_training is None:
+        own = getattr(model, "training_data", None)
+        model_training = own if isinstance(own, pl.DataFrame) and own.height else None
+    profiled = profiled_mask(samples, model_training)
     predictions = model.predict_frame(samples)
     result: dict[str, Any] = {
         "n_samples": int(samples.height),
         "n_filtered_outliers": int(n_filtered_outliers),
         **score_predictions(samples, predictions),
-        "per_config": per_config_table(samples, predictions),
+        **coverage_and_bias(samples, predictions),
+        "per_config": per_config_table(samples, predictions, profiled),
         "n_configs": int(samples.select("tier", "top_k", "num_active_blocks").unique().height),
         "n_decode_passes_range": _passes_range(samples),
         "noise_floor": noise_floor(samples),
     }
+    if profiled is not None:
+        result["profiling"] = profiling_summary(samples, predictions, profiled)
     if baselines:
         if fitted_baselines is None:
             if train_samples is None or train_samples.height == 0:
@@ -295,6 +453,7 @@ def evaluate_model(
                 single_network_epochs=single_network_epochs,
                 seed=seed,
                 device=device,
+                prefill_params=_prefill_params(model),
             )
         block: dict[str, Any] = {}
         for name in BASELINE_NAMES:
@@ -303,6 +462,9 @@ def evaluate_model(
             baseline = fitted_baselines[name]
             predicted = baseline.predict_frame(samples)
             scores: dict[str, Any] = dict(score_predictions(samples, predicted))
+            scores["bias"] = coverage_and_bias(samples, predicted)["bias"]
+            if profiled is not None:
+                scores["profiling"] = profiling_summary(samples, predicted, profiled)
             if isinstance(baseline, LookupTableBaseline):
                 scores["n_fallback_samples"] = int(baseline.unseen_mask(samples).sum())
             if isinstance(baseline, OriginalSingleNetwork):
@@ -373,21 +535,32 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
+#: Cell of a metric a model does not predict (the trees-only baseline has no decode).
+MISSING = "—"
+
+
+def _cell(block: Mapping[str, Any] | None, key: str, digits: int = 2) -> str:
+    return MISSING if block is None else _fmt(block.get(key), digits)
+
+
 def side_by_side_rows(result: Mapping[str, Any]) -> list[list[str]]:
     models: list[tuple[str, Mapping[str, Any]]] = [("hybrid", result)]
     models += list(result.get("baselines", {}).items())
     rows = []
     for name, scores in models:
-        prefill, decode = scores["prefill"], scores["decode_total"]
+        prefill, decode = scores["prefill"], scores.get("decode_total")
+        bias = scores.get("bias", {})
         rows.append(
             [
                 MODEL_LABELS.get(name, name),
-                _fmt(prefill["mae_ms"]),
-                _fmt(prefill["mape_pct"]),
-                _fmt(prefill["r2"], 4),
-                _fmt(decode["mae_ms"]),
-                _fmt(decode["mape_pct"]),
-                _fmt(decode["r2"], 4),
+                _cell(prefill, "mae_ms"),
+                _cell(prefill, "mape_pct"),
+                _cell(prefill, "r2", 4),
+                _fmt(bias.get("prefill")),
+                _cell(decode, "mae_ms"),
+                _cell(decode, "mape_pct"),
+                _cell(decode, "r2", 4),
+                _fmt(bias.get("decode_total")) if decode is not None else MISSING,
             ]
         )
     floor = result.get("noise_floor", {})
@@ -399,8 +572,10 @@ def side_by_side_rows(result: Mapping[str, Any]) -> list[list[str]]:
                 _fmt(prefill["mae_ms"]),
                 _fmt(prefill["mape_pct"]),
                 "",
+                "",
                 _fmt(decode["mae_ms"]),
                 _fmt(decode["mape_pct"]),
+                "",
                 "",
             ]
         )
@@ -412,14 +587,114 @@ SIDE_BY_SIDE_HEADER: tuple[str, ...] = (
     "prefill MAE ms",
     "prefill MAPE %",
     "prefill R²",
+    "prefill bias",
     "decode total MAE ms",
     "decode total MAPE %",
     "decode total R²",
+    "decode total bias",
+)
+
+
+def checks_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the model's accuracy, bias and bound coverage: all samples, and the
+    profiled and never-profiled configurations separately when known."""
+    profiling = _both_groups(result)
+    columns: list[Mapping[str, Any]] = [result]
+    header = ["", "all"]
+    if profiling is not None:
+        columns += [profiling["profiled"], profiling["unprofiled"]]
+        header += ["profiled", "never profiled"]
+
+    def row(label: str, get: Any, digits: int = 2) -> list[str]:
+        return [label, *(_fmt(get(block), digits) for block in columns)]
+
+    def metric(target: str) -> Any:
+        return lambda block: (block.get(target) or {}).get("mape_pct")
+
+    rows = []
+    if profiling is not None:
+        rows.append(
+            [
+                "configurations",
+                str(result["n_configs"]),
+                *(str(block["n_configs"]) for block in columns[1:]),
+            ]
+        )
+        rows.append(
+            ["samples", str(result["n_samples"]), *(str(b["n_samples"]) for b in columns[1:])]
+        )
+        rows.append(row("prefill MAPE %", metric("prefill")))
+        rows.append(row("decode total MAPE %", metric("decode_total")))
+    for target, label in (
+        ("prefill", "prefill"),
+        ("decode_total", "decode total"),
+        ("total", "total"),
+    ):
+        rows.append(row(f"bias {label}", lambda b, t=target: (b.get("bias") or {}).get(t)))
+    for name, level in BOUND_LEVELS.items():
+        if name in result.get("coverage", {}):
+            rows.append(
+                row(
+                    f"coverage {name} (nominal {level:.2f})",
+                    lambda b, n=name: (b.get("coverage") or {}).get(n),
+                )
+            )
+    return header, rows
+
+
+def _both_groups(scores: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``profiling`` block when it has samples of both profiled and never-profiled
+    configurations, else None (then one column says it all)."""
+    profiling = scores.get("profiling")
+    if profiling is None:
+        return None
+    both = profiling["profiled"]["n_samples"] and profiling["unprofiled"]["n_samples"]
+    return profiling if both else None
+
+
+def _ratio(value: Any) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}x"
+
+
+def unprofiled_rows(result: Mapping[str, Any]) -> list[list[str]]:
+    """One row per model (the hybrid, then each baseline with a ``profiling`` block): MAPE on
+    profiled and on never-profiled configurations, and their ratio."""
+    models: list[tuple[str, Mapping[str, Any]]] = [("hybrid", result)]
+    models += list(result.get("baselines", {}).items())
+    rows = []
+    for name, scores in models:
+        profiling = _both_groups(scores)
+        if profiling is None:
+            continue
+        cells = [MODEL_LABELS.get(name, name)]
+        for target in ("prefill", "decode_total"):
+            seen = profiling["profiled"].get(target)
+            never = profiling["unprofiled"].get(target)
+            cells += [
+                _cell(seen, "mape_pct"),
+                _cell(never, "mape_pct"),
+                _ratio(profiling["mape_ratio"].get(target)) if seen is not None else MISSING,
+            ]
+        cells.append(_fmt(profiling["unprofiled"]["bias"].get("prefill")))
+        rows.append(cells)
+    return rows
+
+
+UNPROFILED_HEADER: tuple[str, ...] = (
+    "model",
+    "prefill MAPE % profiled",
+    "never",
+    "ratio",
+    "decode total MAPE % profiled",
+    "never",
+    "ratio",
+    "prefill bias never",
 )
 
 
 def format_report(result: Mapping[str, Any], max_configs: int | None = None) -> str:
-    """The printed report: metric blocks, verdicts, per-config table, side-by-side table."""
+    """The printed report: metric blocks, verdicts, bias and coverage (profiled and never
+    profiled apart), per-config table, side-by-side tables."""
     lines = [
         "=" * 72,
         "Latency model evaluation",
@@ -451,14 +726,57 @@ def format_report(result: Mapping[str, Any], max_configs: int | None = None) -> 
         ),
         "",
     ]
+    profiling = _both_groups(result)
+    lines += [
+        "Bias and bound coverage",
+        "  bias: share of actuals <= the point prediction (0.5 = unbiased)",
+        "  coverage: share of actuals <= the bound (nominal: the bound's level)",
+    ]
+    if profiling is not None:
+        lines.append("  profiled: the configuration is in the model's training data")
+    lines += format_table(*checks_rows(result))
+    if profiling is not None:
+        ratio = profiling["mape_ratio"]
+        lines.append(
+            "never-profiled / profiled MAPE: prefill "
+            f"{_ratio(ratio.get('prefill'))}, decode total {_ratio(ratio.get('decode_total'))} "
+            "(DESIGN.md targets: 1.10x interpolation, 1.15x sparse grid, 1.25x beyond the grid)"
+        )
+    elif "profiling" in result:
+        seen = result["profiling"]["profiled"]
+        lines.append(
+            "(every configuration scored is in the model's training data)"
+            if seen["n_samples"]
+            else "(no configuration scored is in the model's training data)"
+        )
+    else:
+        lines.append("(the model carries no training data: profiled configurations unknown)")
+    lines.append("")
     per_config = result["per_config"]
     items = list(per_config.items())
     shown = items if max_configs is None else items[:max_configs]
+    known = any(row.get("profiled") is not None for _, row in items)
     lines.append(f"Per-configuration errors ({len(items)} configurations, by sample count):")
     lines += format_table(
-        ("config", "count", "prefill MAE ms", "decode total MAE ms"),
+        (
+            "config",
+            *(["profiled"] if known else []),
+            "count",
+            "prefill MAE ms",
+            "prefill MAPE %",
+            "decode total MAE ms",
+            "decode total MAPE %",
+        ),
         [
-            [name, str(row["count"]), _fmt(row["prefill_mae_ms"]), _fmt(row["decode_total_mae_ms"])]
+            [
+                name,
+                *((["yes" if row.get("profiled") else "no"]) if known else []),
+                str(row["count"]),
+                _fmt(row["prefill_mae_ms"]),
+                _fmt(row.get("prefill_mape_pct")),
+                _fmt(row["decode_total_mae_ms"]),
+                _fmt(row.get("decode_total_mape_pct")),
+            ]
             for name, row in shown
         ],
     )
@@ -485,6 +803,13 @@ def format_report(result: Mapping[str, Any], max_configs: int | None = None) -> 
             f"(lookup table: {lookup['n_fallback_samples']} samples of configurations unseen in "
             "training used the global means)"
         )
+    if "baselines" in result and profiling is not None and unprofiled_rows(result):
+        lines.append("")
+        lines.append(
+            "Models on profiled vs never-profiled configurations (profiled: in the model's "
+            "training data):"
+        )
+        lines += format_table(UNPROFILED_HEADER, unprofiled_rows(result))
     return "\n".join(lines)
 
 
@@ -675,6 +1000,7 @@ def run_evaluation(
         single_network_epochs=single_network_epochs,
         seed=seed,
         device=device,
+        model_training=model_training_data(model, Path(checkpoint)),
     )
     if held_out_only:
         result["n_dropped_training_samples"] = n_dropped_training

@@ -14,6 +14,11 @@ atomically.
 - ``decode_pass_curve.png`` — measured vs predicted time of decode pass k for a few
   configurations (needs the steps frame and ``predict_decode_passes``)
 - ``residuals_vs_output_tokens.png`` — decode residuals against the answer length
+- ``calibration.png`` — nominal vs observed coverage of the prefill and total bounds (and the
+  share of actuals under the point prediction at 0.5), for profiled and never-profiled
+  configurations apart when the model's training data tells them apart
+- ``unprofiled_configs.png`` — prefill and decode-total MAPE per configuration, sorted, bars
+  coloured by whether the configuration was profiled (in the model's training data)
 """
 
 from __future__ import annotations
@@ -25,15 +30,24 @@ from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
+from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from reports.baselines import decode_passes
-from toolkit.metrics import regression_metrics
+from reports.evaluation import (
+    BOUND_LEVELS,
+    coverage_and_bias,
+    per_config_table,
+    profiled_mask,
+    profiling_summary,
+)
 from toolkit.atomic import atomic_path
 from toolkit.features import TIERS, feature_matrix
+from toolkit.metrics import regression_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,8 @@ FIGURE_NAMES: tuple[str, ...] = (
     "decode_total_scatter.png",
     "decode_pass_curve.png",
     "residuals_vs_output_tokens.png",
+    "calibration.png",
+    "unprofiled_configs.png",
 )
 
 TIER_COLOURS: dict[str, str] = {"low": "tab:blue", "medium": "tab:orange", "high": "tab:red"}
@@ -61,8 +77,16 @@ class PlotModel(Protocol):
 class PlotData:
     """Samples, their predictions and the derived arrays every figure uses."""
 
-    def __init__(self, samples: pl.DataFrame, predictions: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        samples: pl.DataFrame,
+        predictions: Mapping[str, np.ndarray],
+        profiled: np.ndarray | None = None,
+    ) -> None:
         self.samples = samples
+        self.predictions = {k: np.asarray(v, dtype=np.float64) for k, v in predictions.items()}
+        #: Per sample: configuration in the model's training data (None: unknown).
+        self.profiled = profiled
         self.tier = samples["tier"].to_numpy().astype(str)
         self.top_k = samples["top_k"].to_numpy()
         self.blocks = samples["num_active_blocks"].to_numpy()
@@ -79,12 +103,20 @@ class PlotData:
 
 
 def prepare_plot_data(
-    model: PlotModel, samples: pl.DataFrame, max_samples: int | None = 10000, seed: int = 0
+    model: PlotModel,
+    samples: pl.DataFrame,
+    max_samples: int | None = 10000,
+    seed: int = 0,
+    training: pl.DataFrame | None = None,
 ) -> PlotData:
-    """Predict on ``samples`` (a seeded random subset of ``max_samples`` when larger)."""
+    """Predict on ``samples`` (a seeded random subset of ``max_samples`` when larger);
+    ``training`` (default: the model's ``training_data``) tells profiled configurations."""
     if max_samples is not None and samples.height > max_samples:
         samples = samples.sample(n=max_samples, seed=seed)
-    return PlotData(samples, model.predict_frame(samples))
+    if training is None:
+        own = getattr(model, "training_data", None)
+        training = own if isinstance(own, pl.DataFrame) and own.height else None
+    return PlotData(samples, model.predict_frame(samples), profiled_mask(samples, training))
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -567,6 +599,217 @@ def plot_residuals_vs_output_tokens(data: PlotData, path: Path) -> None:
     _save(fig, path)
 
 
+#: Colours of profiled / never-profiled configurations (unknown: grey).
+PROFILED_COLOURS: dict[str, str] = {
+    "profiled": "tab:blue",
+    "never profiled": "tab:orange",
+    "all (profiling unknown)": "0.5",
+}
+#: How far from nominal observed coverage may be and still count as calibrated ("within a few
+#: points", DESIGN.md): the shaded band of the calibration figure.
+COVERAGE_TOLERANCE = 0.03
+
+
+def _groups(data: PlotData) -> list[tuple[str, np.ndarray]]:
+    """(label, sample mask) of every non-empty group the figures compare."""
+    everything = np.ones(data.samples.height, dtype=bool)
+    if data.profiled is None:
+        return [("all (profiling unknown)", everything)]
+    groups = [("profiled", data.profiled), ("never profiled", ~data.profiled)]
+    return [(label, mask) for label, mask in groups if mask.any()]
+
+
+def plot_calibration(data: PlotData, path: Path) -> None:
+    """Observed vs nominal coverage of the prefill and the total bounds; the share of actuals
+    under the point prediction (bias) sits at 0.5 as a hollow marker. Groups (all, profiled,
+    never profiled) are nudged sideways so their markers do not hide each other; the values
+    are in a table in each panel."""
+    fig = Figure(figsize=(13, 6.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    groups = _groups(data)
+    if len(groups) > 1:  # the whole set as well, in black, when it is split
+        groups = [("all", np.ones(data.samples.height, dtype=bool)), *groups]
+    colours = {**PROFILED_COLOURS, "all": "black"}
+    nudge = 0.008
+    for ax, target, title in (
+        (axes[0], "prefill", "Prefill bounds (prefill_pXX_ms vs T_prefill_total)"),
+        (axes[1], "total", "Total bounds (total_pXX_ms vs prefill + decode)"),
+    ):
+        names = [n for n in BOUND_LEVELS if n.startswith(f"{target}_") and n in data.predictions]
+        ax.set_title(title)
+        if not names:
+            _no_data(ax, "the model predicts no bounds")
+            continue
+        nominal = np.array([BOUND_LEVELS[n] for n in names])
+        lowest = 0.4
+        ax.fill_between(
+            [0.0, 1.0],
+            [-COVERAGE_TOLERANCE, 1.0 - COVERAGE_TOLERANCE],
+            [COVERAGE_TOLERANCE, 1.0 + COVERAGE_TOLERANCE],
+            color="tab:green",
+            alpha=0.12,
+            linewidth=0,
+            label=f"nominal ± {COVERAGE_TOLERANCE * 100:.0f} points",
+        )
+        ax.plot([0.0, 1.0], [0.0, 1.0], "k--", lw=1, label="observed = nominal")
+        table = [["", *(f"{level:.2f}" for level in nominal), "point"]]
+        for i, (label, mask) in enumerate(groups):
+            part = data.samples.filter(pl.Series(mask))
+            predicted = {k: v[mask] for k, v in data.predictions.items()}
+            checks = coverage_and_bias(part, predicted)
+            observed = np.array([checks["coverage"][n] for n in names])
+            bias = float(checks["bias"].get(target, np.nan))
+            colour = colours.get(label, "0.5")
+            shift = (i - (len(groups) - 1) / 2) * nudge
+            ax.plot(
+                nominal + shift,
+                observed,
+                "-o",
+                color=colour,
+                ms=7,
+                lw=1.5,
+                label=f"{label} (n={int(mask.sum())})",
+            )
+            if np.isfinite(bias):
+                ax.plot([0.5 + shift], [bias], "o", mfc="none", mec=colour, ms=10, mew=1.5)
+            short = {"never profiled": "never", "all (profiling unknown)": "all"}.get(label, label)
+            table.append([short, *(f"{y:.3f}" for y in observed), f"{bias:.3f}"])
+            shown = np.append(observed, bias)
+            shown = shown[np.isfinite(shown)]
+            if shown.size:
+                lowest = min(lowest, float(shown.min()) - 0.05)
+        ax.plot(
+            [],
+            [],
+            "o",
+            mfc="none",
+            mec="black",
+            ms=10,
+            mew=1.5,
+            label="hollow: share <= point prediction (0.5 = unbiased)",
+        )
+        widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+        text = "\n".join(
+            "  ".join(cell.rjust(widths[c]) for c, cell in enumerate(row)) for row in table
+        )
+        ax.text(
+            0.98,
+            0.03,
+            "observed coverage at each nominal level\n" + text,
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            family="monospace",
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9, "edgecolor": "0.7"},
+        )
+        ax.set_xlim(0.4, 1.0)
+        ax.set_ylim(max(lowest, 0.0), 1.02)
+        ax.set_xticks(sorted({0.5, *BOUND_LEVELS.values()}))
+        ax.set_xlabel("nominal coverage (level of the bound)")
+        ax.set_ylabel("observed coverage (share of actuals <= bound)")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        "Calibration of the bounds: observed vs nominal coverage "
+        f"({data.samples.height} samples; on the diagonal = calibrated)"
+    )
+    _save(fig, path)
+
+
+def _mape_bars(
+    ax: Axes,
+    table: Mapping[str, Mapping[str, Any]],
+    key: str,
+    summary: Mapping[str, Any] | None,
+    target: str,
+    title: str,
+) -> None:
+    rows = [(name, row) for name, row in table.items() if np.isfinite(row[key])]
+    if not rows:
+        _no_data(ax, "no samples")
+        ax.set_title(title)
+        return
+    rows.sort(key=lambda item: -float(item[1][key]))
+
+    def group(row: Mapping[str, Any]) -> str:
+        profiled = row.get("profiled")
+        if profiled is None:
+            return "all (profiling unknown)"
+        return "profiled" if profiled else "never profiled"
+
+    x = np.arange(len(rows))
+    colours = [PROFILED_COLOURS[group(row)] for _, row in rows]
+    ax.bar(x, [float(row[key]) for _, row in rows], color=colours, width=0.8)
+    handles: list[Any] = []
+    for label, colour in PROFILED_COLOURS.items():
+        members = [row for _, row in rows if group(row) == label]
+        if not members:
+            continue
+        level = None
+        if summary is not None:
+            part = summary["profiled" if label == "profiled" else "unprofiled"].get(target)
+            level = None if part is None else part.get("mape_pct")
+        text = f"{label} ({len(members)} configs)"
+        if level is not None and np.isfinite(level):
+            ax.axhline(
+                level,
+                color=colour,
+                ls="--",
+                lw=1.5,
+                zorder=3,
+                path_effects=[patheffects.withStroke(linewidth=3.5, foreground="white")],
+            )
+            text += f": MAPE over its samples {level:.1f} %"
+        handles.append(Patch(color=colour, label=text))
+    ax.set_xticks(x)
+    ax.set_xticklabels(
+        [name for name, _ in rows], rotation=90, fontsize=7 if len(rows) <= 80 else 5
+    )
+    ax.set_xlim(-0.7, len(rows) - 0.3)
+    ax.set_ylabel("MAPE of the configuration (%)")
+    ax.set_title(title)
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, axis="y")
+
+
+def plot_unprofiled_configs(data: PlotData, path: Path) -> None:
+    """MAPE per configuration, sorted, profiled and never-profiled bars in two colours; the
+    dashed lines are each group's MAPE over its samples."""
+    table = per_config_table(data.samples, data.predictions, data.profiled)
+    summary = (
+        profiling_summary(data.samples, data.predictions, data.profiled)
+        if data.profiled is not None
+        else None
+    )
+    width = max(12.0, 0.16 * len(table) + 3.0)
+    fig = Figure(figsize=(width, 10), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    _mape_bars(
+        top,
+        table,
+        "prefill_mape_pct",
+        summary,
+        "prefill",
+        "Prefill MAPE per configuration (config = <tier>_<top_k>_<active blocks>)",
+    )
+    _mape_bars(
+        bottom,
+        table,
+        "decode_total_mape_pct",
+        summary,
+        "decode_total",
+        "Decode total MAPE per configuration (samples with decode passes)",
+    )
+    if data.profiled is None:
+        headline = "profiled configurations unknown: the model carries no training data"
+    else:
+        n_never = sum(1 for row in table.values() if row["profiled"] is False)
+        headline = f"{n_never} of {len(table)} configurations never profiled"
+    fig.suptitle(f"Error on profiled vs never-profiled configurations ({headline})")
+    _save(fig, path)
+
+
 def make_plots(
     model: Any,
     samples: pl.DataFrame,
@@ -576,11 +819,15 @@ def make_plots(
     max_samples: int | None = 10000,
     seed: int = 0,
     n_curve_configs: int = 4,
+    training: pl.DataFrame | None = None,
 ) -> list[Path]:
-    """Write all figures of ``FIGURE_NAMES`` into ``output_dir``; returns their paths."""
+    """Write all figures of ``FIGURE_NAMES`` into ``output_dir``; returns their paths.
+
+    ``training``: the model's training data (default ``model.training_data``), which tells
+    profiled configurations from never-profiled ones."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_plot_data(model, samples, max_samples=max_samples, seed=seed)
+    data = prepare_plot_data(model, samples, max_samples=max_samples, seed=seed, training=training)
     if steps is not None and data.samples.height < samples.height:
         steps = steps.join(data.samples.select("sample_key"), on="sample_key", how="semi")
     paths = {name: out / name for name in FIGURE_NAMES}
@@ -615,6 +862,8 @@ def make_plots(
         model, data.samples, steps, paths["decode_pass_curve.png"], n_configs=n_curve_configs
     )
     plot_residuals_vs_output_tokens(data, paths["residuals_vs_output_tokens.png"])
+    plot_calibration(data, paths["calibration.png"])
+    plot_unprofiled_configs(data, paths["unprofiled_configs.png"])
     for path in paths.values():
         log.info("Wrote %s", path)
     return list(paths.values())
@@ -638,7 +887,7 @@ def run_plots(
     ``held_out_only`` drops the samples of the checkpoint's training split first (as in
     ``latkit evaluate --held-out-only``).
     """
-    from reports.evaluation import load_model_and_samples
+    from reports.evaluation import load_model_and_samples, model_training_data
     from toolkit.errors import LatkitError
 
     model, loaded, samples, _ = load_model_and_samples(
@@ -652,4 +901,12 @@ def run_plots(
     )
     if held_out_only and samples.height == 0:
         raise LatkitError("no held-out samples left to plot")
-    return make_plots(model, samples, loaded.steps, output_dir, max_samples=max_samples, seed=seed)
+    return make_plots(
+        model,
+        samples,
+        loaded.steps,
+        output_dir,
+        max_samples=max_samples,
+        seed=seed,
+        training=model_training_data(model, Path(checkpoint)),
+    )

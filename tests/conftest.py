@@ -42,7 +42,6 @@ def small_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, 
         n_per_config=3,
         num_epochs=3,
         n_estimators=60,
-        quantile_n_estimators=40,
         cache=False,
     )
     model.save(root / "ckpt")

@@ -207,7 +207,6 @@ def fit_small_model(
     n_per_config: int = 2,
     num_epochs: int = 2,
     n_estimators: int = 40,
-    quantile_n_estimators: int | None = 30,
     val_fraction: float | None = None,
     cache: bool = True,
 ) -> Any:
@@ -223,8 +222,6 @@ def fit_small_model(
     if val_fraction is not None:
         samples, _ = split_samples(samples, val_fraction=val_fraction, seed=0)
     prefill_params: dict[str, Any] = {"n_estimators": n_estimators, "nthread": 1}
-    if quantile_n_estimators is not None:  # else the model's default
-        prefill_params["quantile_n_estimators"] = quantile_n_estimators
     return HybridLatencyModel(
         num_epochs=num_epochs, device="cpu", prefill_params=prefill_params
     ).fit(samples, loaded.steps)

@@ -14,7 +14,7 @@ from synthetic import make_samples, write_results_dir
 
 from toolkit.data import load_results
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, PREFILL_MONOTONE
+from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, PREFILL_MONOTONE
 from toolkit.models import (
     N_BASIS,
     DecodeNet,
@@ -27,7 +27,7 @@ from toolkit.models.hybrid import _build_decode_data, decode_loss_terms
 from toolkit.training import split_samples
 
 # Small, quick trees: the tests check behaviour, not accuracy.
-FAST_PREFILL = {"n_estimators": 150, "quantile_n_estimators": 60, "early_stopping_rounds": 15}
+FAST_PREFILL = {"n_estimators": 150, "early_stopping_rounds": 15}
 
 
 @pytest.fixture(scope="module")
@@ -179,16 +179,7 @@ def test_predict_outputs(
 ) -> None:
     samples, _ = frames
     pred = fitted.predict_frame(samples)
-    keys = {
-        "prefill_ms",
-        "decode_total_ms",
-        "decode_per_token_ms",
-        "total_ms",
-        "prefill_p50_ms",
-        "prefill_p90_ms",
-        "prefill_p95_ms",
-    }
-    assert set(pred) == keys
+    assert tuple(pred) == OUTPUT_NAMES  # the contract's order, bounds appended
     for value in pred.values():
         assert value.shape == (samples.height,) and np.isfinite(value).all()
     np.testing.assert_allclose(pred["total_ms"], pred["prefill_ms"] + pred["decode_total_ms"])
@@ -197,6 +188,10 @@ def test_predict_outputs(
     assert (pred["decode_per_token_ms"][one] == 0).all()
     assert (pred["prefill_p50_ms"] <= pred["prefill_p90_ms"]).all()
     assert (pred["prefill_p90_ms"] <= pred["prefill_p95_ms"]).all()
+    assert (pred["total_p90_ms"] <= pred["total_p95_ms"]).all()
+    for level in ("p90", "p95"):
+        assert (pred[f"total_{level}_ms"] >= pred[f"prefill_{level}_ms"]).all()
+        assert (pred[f"total_{level}_ms"] >= pred["total_ms"]).all()
     metrics = fitted.manifest["validation_metrics"]
     assert metrics["prefill"]["mape_pct"] < 15  # a few trees on 190 samples: loose bound
 
@@ -212,8 +207,10 @@ def test_predict_decode_passes_sum_to_total(fitted: HybridLatencyModel) -> None:
     np.testing.assert_allclose(per_row, np.array([passes[0, :2], passes[1, 2:4]]), rtol=1e-6)
 
 
-def test_prefill_heads_monotone(fitted: HybridLatencyModel) -> None:
-    """Grid sweep of every constrained feature: no head may decrease (mean, P50, P90, P95)."""
+def test_prefill_and_bounds_monotone_on_a_dense_grid(fitted: HybridLatencyModel) -> None:
+    """Dense sweep of every constrained feature, on, between and 50 % beyond the profiled
+    values (training range: top_k 4-12, blocks 8-16, up to 2304 vision tokens): no prefill
+    output, bound or total may decrease."""
     rng = np.random.default_rng(0)
     base = np.column_stack(
         [
@@ -224,20 +221,26 @@ def test_prefill_heads_monotone(fitted: HybridLatencyModel) -> None:
             rng.choice([8, 12, 16], 40),
         ]
     ).astype(np.float32)
+    ranges = fitted.manifest["training_summary"]["feature_ranges"]
     sweeps = {
-        0: np.linspace(144, 2304, 40),
-        1: np.linspace(0, 400, 60),
-        3: np.arange(1, 17),
-        4: np.arange(1, 17),
+        0: np.linspace(0, 2304 + 0.5 * (2304 - ranges["vision_tokens"][0]), 97),
+        1: np.linspace(0, 400, 161),
+        3: np.linspace(1, 16, 61),  # every quarter step, to 50 % beyond 4-12
+        4: np.linspace(1, 20, 77),  # to 50 % beyond 8-16
     }
     for j, values in sweeps.items():
         assert PREFILL_MONOTONE[j] == 1
         grid = np.repeat(base, len(values), axis=0)
         grid[:, j] = np.tile(values, len(base))
-        mean = fitted.prefill.predict(grid).reshape(len(base), -1)
-        quant = fitted.prefill.predict_quantiles(grid).reshape(len(base), len(values), 3)
-        assert (np.diff(mean, axis=1) >= 0).all(), FEATURE_NAMES[j]
-        assert (np.diff(quant, axis=1) >= 0).all(), FEATURE_NAMES[j]
+        out = fitted.predict(grid, np.full(len(grid), 8.0))
+        for name in ("prefill_ms", "prefill_p50_ms", "prefill_p90_ms", "prefill_p95_ms"):
+            curve = out[name].reshape(len(base), -1)
+            assert (np.diff(curve, axis=1) >= 0).all(), (FEATURE_NAMES[j], name)
+        # The physics baseline keeps growing where the trees are flat (beyond the data).
+        baseline = fitted.prefill.baseline.predict(grid).reshape(len(base), -1)
+        assert (np.diff(baseline, axis=1) >= 0).all(), FEATURE_NAMES[j]
+        if j in (3, 4):
+            assert (baseline[:, -1] > baseline[:, len(values) // 2]).all(), FEATURE_NAMES[j]
 
 
 def test_save_load_round_trip(
@@ -251,15 +254,14 @@ def test_save_load_round_trip(
     manifest = json.loads((saved / "manifest.json").read_text())
     assert manifest["format"] == "latkit-hybrid"
     assert manifest["feature_names"] == list(FEATURE_NAMES)
-    assert manifest["target_transform"] in ("log", "identity")
+    assert manifest["target_transform"] == "log"
     assert set(manifest["files"]) == {
         "prefill.ubj",
-        "prefill_quantiles.ubj",
         "decode_net.safetensors",
         "training_data.parquet",
     }
     summary = manifest["training_summary"]
-    assert summary["n_train"] + summary["n_val"] == samples.height
+    assert summary["n_train"] + summary["n_val"] + summary["n_calibration"] == samples.height
     assert set(summary["feature_ranges"]) == set(FEATURE_NAMES)
     data = pl.read_parquet(saved / "training_data.parquet")
     assert data.height == summary["n_train"]
@@ -278,7 +280,6 @@ def _copy(src: Path, dst: Path) -> Path:
     "name",
     [
         "prefill.ubj",
-        "prefill_quantiles.ubj",
         "decode_net.safetensors",
         "training_data.parquet",
         "manifest.json",

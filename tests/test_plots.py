@@ -10,9 +10,11 @@ import polars as pl
 import pytest
 from synthetic import decode_pass_ms, fit_small_model, make_samples, write_results_dir
 
-from reports.plots import FIGURE_NAMES, make_plots, pick_curve_configs
+from reports.plots import FIGURE_NAMES, make_plots, pick_curve_configs, prepare_plot_data
 from toolkit.data import load_results
 from toolkit.features import feature_matrix
+from toolkit.models.hybrid import HybridLatencyModel
+from toolkit.training import knob_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,6 +59,48 @@ def test_make_plots_writes_every_figure(tmp_path: Path) -> None:
     assert not list((tmp_path / "figs").glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+#: RGB of matplotlib's tab:blue (profiled) and tab:orange (never profiled).
+BLUE = (0x1F, 0x77, 0xB4)
+ORANGE = (0xFF, 0x7F, 0x0E)
+
+
+def _has_colour(path: Path, rgb: tuple[int, int, int], min_pixels: int = 200) -> bool:
+    from matplotlib.image import imread
+
+    pixels = np.round(imread(path)[..., :3] * 255).astype(int)
+    return int(np.all(np.abs(pixels - np.array(rgb)) <= 2, axis=-1).sum()) >= min_pixels
+
+
+def test_new_figures_of_a_model_trained_on_a_knob_split(tmp_path: Path) -> None:
+    write_results_dir(tmp_path / "results", make_samples(n_per_config=2, seed=6))
+    loaded = load_results(tmp_path / "results")
+    profiled, never = knob_split(loaded.samples, "extrap")
+    model = HybridLatencyModel(
+        num_epochs=2, device="cpu", prefill_params={"n_estimators": 30, "nthread": 1}
+    ).fit(profiled, loaded.steps)
+    assert model.training_data is not None
+
+    # which samples count as profiled: those whose configuration the model trained on
+    data = prepare_plot_data(model, loaded.samples)
+    assert data.profiled is not None
+    trained_on = loaded.samples["config"].is_in(model.training_data["config"].unique())
+    np.testing.assert_array_equal(data.profiled, trained_on.to_numpy())
+    assert 0 < data.profiled.sum() < loaded.samples.height
+
+    paths = make_plots(model, loaded.samples, loaded.steps, tmp_path / "figs")
+    assert [p.name for p in paths] == list(FIGURE_NAMES)
+    _check_figures(tmp_path / "figs")
+    for name in ("calibration.png", "unprofiled_configs.png"):
+        path = tmp_path / "figs" / name
+        # both groups drawn, each in its own colour
+        assert _has_colour(path, BLUE) and _has_colour(path, ORANGE), name
+
+    # without training data the groups are unknown: neither colour appears
+    make_plots(OracleModel(), loaded.samples, loaded.steps, tmp_path / "oracle")
+    unknown = tmp_path / "oracle" / "unprofiled_configs.png"
+    assert not _has_colour(unknown, BLUE) and not _has_colour(unknown, ORANGE)
+
+
 def test_plots_without_step_timings(tmp_path: Path) -> None:
     write_results_dir(tmp_path / "results", make_samples(n_per_config=1, seed=1), with_steps=False)
     loaded = load_results(tmp_path / "results")
@@ -89,9 +133,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("plot-cli")
     results = root / "results"
-    fit_small_model(results, seed=4, n_estimators=30, quantile_n_estimators=20).save(
-        root / "checkpoint"
-    )
+    fit_small_model(results, seed=4, n_estimators=30).save(root / "checkpoint")
     return root / "checkpoint", results
 
 

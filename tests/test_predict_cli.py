@@ -13,6 +13,7 @@ from synthetic import fit_small_model
 
 from exporters.predict import OUTPUT_COLUMNS
 from toolkit.cli import main
+from toolkit.errors import LatkitError
 from toolkit.models.hybrid import HybridLatencyModel
 
 
@@ -103,7 +104,9 @@ def test_batch_mode_adds_prediction_columns(checkpoint, tmp_path: Path, suffix: 
     result = _run("--checkpoint", str(ckpt), "--input-file", str(src), "--output-file", str(dst))
     assert result.exit_code == 0, result.output
     out = pl.read_csv(dst) if suffix == ".csv" else pl.read_parquet(dst)
-    assert out.columns == [*queries.columns, *OUTPUT_COLUMNS]
+    assert out.columns == [*queries.columns, *OUTPUT_COLUMNS, "extrapolated"]
+    assert OUTPUT_COLUMNS[-2:] == ("total_p90_ms", "total_p95_ms")  # appended after 0.2's
+    assert not out["extrapolated"].any()
     features = np.array(
         [[1008, 60, 1, 8, 12], [432, 30, 0, 4, 8], [1872, 100, 2, 12, 16], [720, 45, 1, 6, 10]],
         np.float32,
@@ -170,3 +173,65 @@ def test_single_mode_needs_its_flags(checkpoint) -> None:
         "5",
     )
     assert bad_tier.exit_code == 2 and "unknown tier" in bad_tier.output
+
+
+def test_single_mode_warns_once_per_feature_beyond_the_margin(checkpoint) -> None:
+    """Synthetic training range: top_k 4-12, blocks 8-16; supported up to 16 and 20."""
+    model, ckpt = checkpoint
+    args = ["--checkpoint", str(ckpt), "--tier", "medium", "--text-tokens", "60"]
+    args += ["--output-tokens", "8", "--vision-tokens", "1008"]
+    inside = CliRunner().invoke(main, ["predict", *args, "--top-k", "16", "--blocks", "20"])
+    assert inside.exit_code == 0 and "warning" not in inside.output
+    beyond = CliRunner().invoke(main, ["predict", *args, "--top-k", "99", "--blocks", "21"])
+    assert beyond.exit_code == 0, beyond.output
+    warnings = [line for line in beyond.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "top_k 99 is beyond the training range 4-12" in warnings[0]
+    assert "num_active_blocks 21" in warnings[1]
+    assert "T_prefill_total" in beyond.stdout and "warning" not in beyond.stdout
+
+
+def test_batch_mode_flags_extrapolated_rows(checkpoint, tmp_path: Path) -> None:
+    _, ckpt = checkpoint
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    _queries().with_columns(pl.Series("top_k", [8, 99, 12, 6])).write_csv(src)
+    result = _run("--checkpoint", str(ckpt), "--input-file", str(src), "--output-file", str(dst))
+    assert result.exit_code == 0, result.output
+    assert pl.read_csv(dst)["extrapolated"].to_list() == [False, True, False, False]
+    assert [line for line in result.stderr.splitlines() if "top_k 99" in line]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("top_k", 0, "top_k must be >= 1"),
+        ("num_active_blocks", 0, "num_active_blocks must be >= 1"),
+        ("text_tokens", -5, "row 2 column text_tokens is negative"),
+    ],
+)
+def test_impossible_batch_inputs_are_errors(
+    checkpoint, tmp_path: Path, column: str, value: int, message: str
+) -> None:
+    _, ckpt = checkpoint
+    src = tmp_path / "in.csv"
+    queries = _queries()
+    values = queries[column].to_list()
+    values[1] = value
+    queries.with_columns(pl.Series(column, values)).write_csv(src)
+    result = _run(
+        "--checkpoint",
+        str(ckpt),
+        "--input-file",
+        str(src),
+        "--output-file",
+        str(tmp_path / "o.csv"),
+    )
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_model_refuses_impossible_inputs(checkpoint) -> None:
+    model, _ = checkpoint
+    with pytest.raises(LatkitError, match="text_tokens must be >= 0"):
+        model.predict(np.array([[432, -5, 0, 8, 12]], np.float32), np.array([8.0]))
+    with pytest.raises(LatkitError, match="tier_idx must be 0, 1 or 2"):
+        model.predict(np.array([[432, 5, 3, 8, 12]], np.float32), np.array([8.0]))

@@ -1,15 +1,16 @@
 """Controller-facing answers: which configurations fit a latency budget, with how much output.
 
 Everything here works with any predictor that maps ``(features [B, 5], output_tokens [B])``
-to a dict of arrays with ``prefill_ms``, ``decode_total_ms`` and the prefill quantiles
-``prefill_p50_ms`` / ``prefill_p90_ms`` / ``prefill_p95_ms``: ``HybridLatencyModel.predict``
-and ``exporters.runtime.LatencyPredictor.predict`` alike, so Python and the exported
-predictor give the same answers.
+to a dict of arrays with the outputs of ``toolkit.features.OUTPUT_NAMES``:
+``HybridLatencyModel.predict`` and ``exporters.runtime.LatencyPredictor.predict`` alike, so
+Python and the exported predictor give the same answers.
 
 The original controller's rule is the default: a configuration is feasible when its
-prefill fits ``budget x safety`` (0.8) and, when an expected output length is given,
-prefill + decode total fits the whole budget. ``bound`` picks which prefill estimate the
-rule uses: the mean, or a quantile head for a safe decision.
+prefill fits ``budget x safety`` (0.8) and, when an expected output length is given, the
+total fits the whole budget. ``bound`` picks the estimates the rule uses: the mean
+(``prefill_ms``, ``total_ms``), or for a safe decision the calibrated bounds
+(``prefill_p90_ms`` and ``total_p90_ms``; p95 likewise). ``p50`` has no total bound of its
+own: it adds the mean decode total to ``prefill_p50_ms``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from toolkit.features import (
     GRID_TOP_K,
     PREFILL_BOUND_COLUMNS,
     TIERS,
+    TOTAL_BOUND_COLUMNS,
     config_name,
     default_vision_tokens,
     tier_index,
@@ -95,6 +97,15 @@ def request_features(
     return np.asarray(rows, dtype=np.float32)
 
 
+def spent_ms(out: Mapping[str, np.ndarray], bound: str) -> np.ndarray:
+    """The total (prefill + decode) estimate that ``bound`` decides on, float64 [B]."""
+    if bound in TOTAL_BOUND_COLUMNS:
+        return np.asarray(out[TOTAL_BOUND_COLUMNS[bound]], dtype=np.float64)
+    return np.asarray(out[BOUNDS[bound]], dtype=np.float64) + np.asarray(
+        out["decode_total_ms"], dtype=np.float64
+    )
+
+
 def max_output_tokens(
     predict: PredictFn,
     features: np.ndarray,
@@ -102,7 +113,7 @@ def max_output_tokens(
     bound: str = "mean",
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> np.ndarray:
-    """Largest N <= ``max_tokens`` with prefill + decode_total(N) <= budget, per row.
+    """Largest N <= ``max_tokens`` whose total estimate (``spent_ms``) fits the budget.
 
     0 where even the prefill (which yields the first token) does not fit. The decode
     total is non-decreasing in N and O(1) to evaluate, so this is a bisection over N,
@@ -110,14 +121,12 @@ def max_output_tokens(
     """
     features = np.asarray(features, dtype=np.float32)
     budget = np.broadcast_to(np.asarray(budget_ms, dtype=np.float64), (features.shape[0],))
-    key = BOUNDS[bound]
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
 
     def fits(n_tokens: np.ndarray) -> np.ndarray:
         out = predict(features, n_tokens.astype(np.float32))
-        spent = np.asarray(out[key], dtype=np.float64) + np.asarray(
-            out["decode_total_ms"], dtype=np.float64
-        )
-        return np.asarray(spent <= budget)
+        return np.asarray(spent_ms(out, bound) <= budget)
 
     low = np.ones(features.shape[0], dtype=np.int64)  # N = 1: prefill alone
     feasible_at_one = fits(low)
@@ -147,8 +156,9 @@ def budget_table(
     """Every configuration with its estimate, feasibility and output room, ranked.
 
     Columns: config, tier, top_k, num_active_blocks, vision_tokens, text_tokens,
-    prefill_ms (the chosen bound), decode_total_ms and total_ms (at ``output_tokens``,
-    null without it), max_output_tokens, feasible. Feasible rows come first, then
+    prefill_ms (the chosen bound), decode_total_ms (mean) and total_ms (the chosen bound's
+    total, ``spent_ms``; both at ``output_tokens``, null without it), max_output_tokens,
+    feasible. Feasible rows come first, then
     ``rank``: "fastest" (lowest estimate first) or "quality" (highest tier, top_k and
     blocks first: the most capable configuration that fits leads); ties keep grid order.
     """
@@ -169,7 +179,7 @@ def budget_table(
     total: np.ndarray | None = None
     if output_tokens is not None:
         decode_total = np.asarray(out["decode_total_ms"], dtype=np.float64)
-        total = prefill + decode_total
+        total = spent_ms(out, bound)
         feasible &= total <= budget_ms
     room = max_output_tokens(predict, features, budget_ms, bound=bound, max_tokens=max_tokens)
     frame = pl.DataFrame(
@@ -235,7 +245,7 @@ def format_budget_table(table: pl.DataFrame, budget_ms: float, bound: str, safet
     n_ok = int(table["feasible"].sum())
     has_total = table["total_ms"].null_count() < table.height
     lines = [
-        f"Budget {budget_ms:g} ms (prefill bound: {bound}, safety {safety:g}): "
+        f"Budget {budget_ms:g} ms (bound: {bound}, safety {safety:g}): "
         f"{n_ok} of {table.height} configurations feasible",
         f"{'config':<14}{'vision':>8}{'prefill ms':>12}"
         + (f"{'total ms':>11}" if has_total else "")

@@ -1,9 +1,16 @@
 """Recalibration of a trained model to another machine from a few target samples.
 
 ``fit_calibration`` fits the per-stage affine maps of ``toolkit.models.calibration`` on N
-calibration samples drawn evenly over the knob grid; ``recalibration_curve`` measures how
-the error on the rest of the target data falls with N, against the uncalibrated source
-model and a model trained on the whole target pool.
+calibration samples drawn evenly over the knob grid; ``recalibrate_bounds`` re-calibrates
+the conformal bounds on the same N samples; ``recalibration_curve`` measures how the error
+(and the coverage of ``total_p95_ms``) on the rest of the target data changes with N, against
+the uncalibrated source model and a model trained on the whole target pool.
+
+The bounds' scores are leave-one-out: sample i is scored by the affine map fitted on the
+other N - 1, so no score comes from a map that saw its own sample (scoring the fit's own
+samples would under-state the error, and the bounds would under-cover). The conformal
+quantile is the finite-sample one: with few samples the bound widens, and below 19 samples
+the P95 bound is +inf (unknown) rather than a guess that could under-cover.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 import polars as pl
 
 from toolkit.errors import LatkitError
-from toolkit.metrics import regression_metrics
+from toolkit.metrics import coverage, regression_metrics
+from toolkit.models.bounds import ConformalBounds
 from toolkit.models.calibration import Calibration
 from toolkit.models.hybrid import HybridLatencyModel
 
@@ -102,6 +110,27 @@ def fit_calibration(model: HybridLatencyModel, calibration: pl.DataFrame) -> Cal
     )
 
 
+def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> ConformalBounds:
+    """Conformal bounds of the recalibrated model from leave-one-out scores on ``calibration``
+    (see the module docstring)."""
+    n = calibration.height
+    prefill_pred = np.empty(n)
+    total_pred = np.empty(n)
+    for i in range(n):
+        keep = np.ones(n, dtype=bool)
+        keep[i] = False
+        others = calibration.filter(pl.Series(keep))
+        left_out = calibration[i : i + 1]
+        predicted = model.with_calibration(fit_calibration(model, others)).predict_frame(left_out)
+        prefill_pred[i] = predicted["prefill_ms"][0]
+        total_pred[i] = predicted["total_ms"][0]
+    prefill_true = calibration["T_prefill_total"].to_numpy().astype(np.float64)
+    total_true = prefill_true + calibration["T_LLM_decode"].to_numpy().astype(np.float64)
+    return ConformalBounds.fit(
+        prefill_true, prefill_pred, total_true, total_pred, source="recalibration (leave-one-out)"
+    )
+
+
 def recalibrate(
     model: HybridLatencyModel,
     target: pl.DataFrame,
@@ -114,6 +143,7 @@ def recalibrate(
         raise LatkitError(f"unknown recalibration method {method!r} (choose from {METHODS})")
     calibration, rest = calibration_split(target, n_samples, seed)
     fitted = fit_calibration(model, calibration)
+    bounds = recalibrate_bounds(model, calibration) if calibration.height else None
     log.info(
         "Calibration on %d samples: prefill' = %.4f x prefill %+.3f ms; "
         "decode pass' = %.4f x pass %+.3f ms",
@@ -123,7 +153,7 @@ def recalibrate(
         fitted.decode_pass_scale,
         fitted.decode_pass_offset_ms,
     )
-    return model.with_calibration(fitted), calibration, rest
+    return model.with_calibration(fitted, bounds), calibration, rest
 
 
 @dataclass
@@ -134,16 +164,21 @@ class CurveRow:
     prefill_r2: float
     decode_total_mape_pct: float
     decode_total_r2: float
+    total_p95_coverage: float
 
 
-def _score(model: HybridLatencyModel, samples: pl.DataFrame) -> tuple[float, float, float, float]:
+def _score(
+    model: HybridLatencyModel, samples: pl.DataFrame
+) -> tuple[float, float, float, float, float]:
+    """Prefill MAPE and R², decode total MAPE and R², coverage of ``total_p95_ms``."""
     predicted = model.predict_frame(samples)
-    prefill = regression_metrics(samples["T_prefill_total"].to_numpy(), predicted["prefill_ms"])
+    prefill_true = samples["T_prefill_total"].to_numpy()
+    prefill = regression_metrics(prefill_true, predicted["prefill_ms"])
     has_passes = samples["n_decode_passes"].to_numpy() > 0
-    decode = regression_metrics(
-        samples["T_LLM_decode"].to_numpy()[has_passes], predicted["decode_total_ms"][has_passes]
-    )
-    return prefill["mape_pct"], prefill["r2"], decode["mape_pct"], decode["r2"]
+    decode_true = samples["T_LLM_decode"].to_numpy()
+    decode = regression_metrics(decode_true[has_passes], predicted["decode_total_ms"][has_passes])
+    covered = coverage(prefill_true + decode_true, predicted["total_p95_ms"])
+    return prefill["mape_pct"], prefill["r2"], decode["mape_pct"], decode["r2"], covered
 
 
 def recalibration_curve(
@@ -184,7 +219,8 @@ def recalibration_curve(
 
 
 def plot_curve(curve: pl.DataFrame, path: str | Path) -> None:
-    """recalibration_curve.png: MAPE of prefill and decode total against N."""
+    """recalibration_curve.png: MAPE of prefill and decode total, and the coverage of
+    ``total_p95_ms``, against N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +231,24 @@ def plot_curve(curve: pl.DataFrame, path: str | Path) -> None:
     calibrated = curve.filter(pl.col("model") == "affine recalibration")
     source = curve.filter(pl.col("model").str.starts_with("source")).row(0, named=True)
     reference = curve.filter(pl.col("model").str.starts_with("target")).row(0, named=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    axis = axes[2]
+    axis.plot(
+        calibrated["n_samples"],
+        100 * calibrated["total_p95_coverage"],
+        "o-",
+        label="recalibrated bounds (inf below 19 samples)",
+    )
+    axis.axhline(
+        100 * source["total_p95_coverage"], color="tab:red", ls="--", label="source model's bound"
+    )
+    axis.axhline(95, color="grey", ls=":", label="nominal 95 %")
+    axis.set_xlabel("calibration samples N")
+    axis.set_ylabel("held-out target actuals <= total_p95_ms (%)")
+    axis.set_title("Coverage of total_p95_ms")
+    axis.set_ylim(0, 101)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
     for axis, key, title in [
         (axes[0], "prefill_mape_pct", "Prefill"),
         (axes[1], "decode_total_mape_pct", "Decode total"),
@@ -223,13 +276,13 @@ def plot_curve(curve: pl.DataFrame, path: str | Path) -> None:
 def _format_table(rows: pl.DataFrame) -> str:
     lines = [
         f"{'model':<30}{'N':>6}{'prefill MAPE':>14}{'prefill R2':>12}"
-        f"{'decode MAPE':>13}{'decode R2':>11}"
+        f"{'decode MAPE':>13}{'decode R2':>11}{'total_p95 covers':>18}"
     ]
     for row in rows.iter_rows(named=True):
         lines.append(
             f"{row['model']:<30}{row['n_samples']:>6}{row['prefill_mape_pct']:>13.2f}%"
             f"{row['prefill_r2']:>12.4f}{row['decode_total_mape_pct']:>12.2f}%"
-            f"{row['decode_total_r2']:>11.4f}"
+            f"{row['decode_total_r2']:>11.4f}{100 * row['total_p95_coverage']:>17.1f}%"
         )
     return "\n".join(lines)
 
@@ -263,6 +316,13 @@ def run_recalibration(
         f"({calibration['config'].n_unique()} configurations) of {results_dir}",
         f"  prefill'     = {cal.prefill_scale:.4f} x prefill {cal.prefill_offset_ms:+.3f} ms",
         f"  decode pass' = {cal.decode_pass_scale:.4f} x pass {cal.decode_pass_offset_ms:+.3f} ms",
+        "  bounds re-calibrated (leave-one-out conformal): total P90 x "
+        f"{calibrated.bounds.total['p90']:.3f}, P95 x {calibrated.bounds.total['p95']:.3f}"
+        + (
+            " (unbounded: P95 needs >= 19 samples)"
+            if calibrated.bounds.total["p95"] == np.inf
+            else ""
+        ),
     ]
     if rest.height:
         before = _score(model, rest)
@@ -270,7 +330,8 @@ def run_recalibration(
         lines += [
             f"Error on the other {rest.height} target samples:",
             f"  prefill MAPE {before[0]:.2f}% -> {after[0]:.2f}%, "
-            f"decode total MAPE {before[2]:.2f}% -> {after[2]:.2f}%",
+            f"decode total MAPE {before[2]:.2f}% -> {after[2]:.2f}%, "
+            f"total_p95_ms covers {100 * before[4]:.1f}% -> {100 * after[4]:.1f}%",
         ]
     lines.append(f"Recalibrated model saved to {output_dir}")
     if curve_ns:

@@ -141,8 +141,9 @@ class TrainResult:
 
 
 def _log_epoch(entry: EpochLog) -> None:
-    # Exactly the original tool's line (scripts parse it); the best epoch goes to debug.
-    log.info(
+    # Exactly the original tool's line (scripts parse it), shown with -v (debug level): by
+    # default training shows a progress bar and one summary line.
+    log.debug(
         "Epoch %d/%d: loss=%.6f, prefill_mae=%.3fms, decode_total_mae=%.3fms",
         entry.epoch,
         entry.num_epochs,
@@ -183,14 +184,14 @@ def train_on_frames(
     started = time.perf_counter()
     samples = subsample(samples, max_samples, seed)
     train, val = split_samples(samples, how=split, val_fraction=val_fraction, seed=seed)
-    log.info("Training samples: %d, Validation samples: %d", train.height, val.height)
+    log.debug("Training samples: %d, Validation samples: %d", train.height, val.height)
     if split == "config":
-        log.info(
+        log.debug(
             "Held-out configurations: %d of %d",
             val.select(list(CONFIG_KEYS)).n_unique(),
             samples.select(list(CONFIG_KEYS)).n_unique(),
         )
-    log.info(
+    log.debug(
         "Decode net minibatch: %d samples (%s)",
         auto_batch_size(train.height, batch_size),
         "--batch-size" if batch_size is not None else "auto",
@@ -215,19 +216,24 @@ def train_on_frames(
     model.manifest["training_summary"]["val_fraction"] = val_fraction
     model.manifest["training_summary"]["max_samples"] = max_samples
     metrics = model.manifest.get("validation_metrics", {})
-    if metrics:
-        p, d = metrics["prefill"], metrics["decode_total"]
-        log.info(
-            "Validation: prefill MAPE=%s%% R2=%s | decode total MAPE=%s%% R2=%s",
-            _fmt(p.get("mape_pct")),
-            _fmt(p.get("r2"), 4),
-            _fmt(d.get("mape_pct")),
-            _fmt(d.get("r2"), 4),
-        )
     out = None
     if output_dir is not None:
         out = Path(output_dir)
         model.save(out)
+    summary = model.manifest["training_summary"]
+    line = (
+        f"Trained on {summary['n_train']} samples ({split} split; "
+        f"{summary['n_val']} for early stopping, {summary.get('n_calibration', 0)} to "
+        f"calibrate the bounds) in {time.perf_counter() - started:.1f} s"
+    )
+    if metrics:
+        p, d = metrics["prefill"], metrics["decode_total"]
+        cov = metrics.get("coverage", {})
+        line += (
+            f": validation prefill MAPE {_fmt(p.get('mape_pct'))}%, decode total MAPE "
+            f"{_fmt(d.get('mape_pct'))}%, total_p95 covers {_fmt_share(cov.get('total_p95_ms'))}"
+        )
+    log.info("%s%s", line, f" -> {out}" if out is not None else "")
     return TrainResult(
         model=model,
         output_dir=out,
@@ -240,6 +246,10 @@ def train_on_frames(
 
 def _fmt(value: Any, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_share(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
 def train_model(
@@ -296,6 +306,6 @@ def train_model(
             progress=progress,
         )
     best = result.model.manifest.get("best_epoch")
-    log.info("Best epoch (lowest validation loss): %s of %d", best, num_epochs)
-    log.info("Training completed! Best model saved to %s", output_dir)
+    log.debug("Best epoch (lowest validation loss): %s of %d", best, num_epochs)
+    log.debug("Training completed! Best model saved to %s", output_dir)
     return result

@@ -31,8 +31,9 @@ from toolkit.cli.options import (
     "--baselines",
     is_flag=True,
     default=False,
-    help="Also fit the lookup-table, linear and original single-network baselines on "
-    "the checkpoint's training data and score them on the same samples.",
+    help="Also fit the lookup-table, linear, original single-network and trees-only prefill "
+    "(latkit 0.2) baselines on the checkpoint's training data and score them on the same "
+    "samples (accuracy, bias, profiled vs never-profiled configurations).",
 )
 @click.option(
     "--train-results-dir",
@@ -56,13 +57,17 @@ from toolkit.cli.options import (
     help="Epochs of the original single-network baseline (the original used 50).",
 )
 @click.option(
-    "--seed", type=int, default=3407, show_default=True, help="Seed of the single-network baseline."
+    "--seed",
+    type=int,
+    default=3407,
+    show_default=True,
+    help="Seed of the single-network and trees-only baselines.",
 )
 @click.option(
     "--device",
     default="cpu",
     show_default=True,
-    help="Torch device of the single-network baseline (cpu or cuda).",
+    help="Device of the single-network and trees-only baselines (cpu or cuda).",
 )
 @unused_option("--batch-size", "--batch_size", "batch_size", type=int)
 @click.option(
@@ -93,7 +98,8 @@ def evaluate_command(
     max_configs: int,
     verbose: bool,
 ) -> None:
-    """Score a trained model: MAE/RMSE/MAPE/R², per-configuration errors, baselines side by side.
+    """Score a trained model: MAE/RMSE/MAPE/R², bias, coverage of the bounds, per-configuration
+    errors (profiled or never profiled), baselines side by side.
 
     Example: latkit evaluate --checkpoint checkpoints/latency_estimator
     --results-dir results/core_exp_h100 --use-all-datasets --baselines

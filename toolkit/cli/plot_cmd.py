@@ -49,7 +49,8 @@ def plot_command(
     device: str | None,
     verbose: bool,
 ) -> None:
-    """Write scatter, error and decode-curve figures (PNG, headless) into --output-dir.
+    """Write scatter, error, decode-curve, calibration (coverage of the bounds) and
+    never-profiled-configuration figures (PNG, headless) into --output-dir.
 
     Example: latkit plot --checkpoint checkpoints/latency_estimator
     --results-dir results/core_exp_h100 --output-dir visualizations/latency_estimator

@@ -85,7 +85,8 @@ from toolkit.errors import LatkitError
     type=click.Choice(["mean", "p50", "p90", "p95"]),
     default="mean",
     show_default=True,
-    help="Budget mode: prefill estimate the rule uses (a quantile head is a safe bound).",
+    help="Budget mode: estimates the rule uses: mean, or the calibrated bounds "
+    "(p90/p95: prefill_pXX_ms against budget x safety, total_pXX_ms against the budget).",
 )
 @click.option(
     "--safety",
@@ -130,10 +131,16 @@ def predict_command(
 ) -> None:
     """Predict prefill, decode and total latency with a trained checkpoint.
 
-    Single mode prints the original tool's block; batch mode (--input-file/--output-file)
-    writes the input table with prefill_ms, decode_total_ms, decode_per_token_ms, total_ms,
-    prefill_p50_ms, prefill_p90_ms and prefill_p95_ms added. Budget mode (--budget-ms)
-    answers which configurations fit a latency budget for one request, ranked.
+    Single mode prints the original tool's block (plus the calibrated bounds); batch mode
+    (--input-file/--output-file) writes the input table with prefill_ms, decode_total_ms,
+    decode_per_token_ms, total_ms, prefill_p50_ms, prefill_p90_ms, prefill_p95_ms,
+    total_p90_ms, total_p95_ms and extrapolated added. Budget mode (--budget-ms) answers
+    which configurations fit a latency budget for one request, ranked.
+
+    Inputs beyond the training range by more than half its width (the margin the model is
+    tested to extrapolate over) are answered with one warning line per feature on stderr
+    (batch mode: the extrapolated column says which rows); impossible inputs (negative token
+    counts, top_k or blocks below 1) are errors.
     """
     from exporters.export import load_model
     from exporters.predict import predict_file, predict_single
@@ -158,7 +165,9 @@ def predict_command(
             raise LatkitError("batch mode needs both --input-file and --output-file")
         model = load_model(checkpoint)
         result = predict_file(model, input_file, output_file)
-        click.echo(f"Wrote {result.height} predictions to {output_file}")
+        for line in result.warnings:
+            click.echo(line, err=True)
+        click.echo(f"Wrote {result.frame.height} predictions to {output_file}")
         return
     missing = [
         flag
@@ -185,6 +194,8 @@ def predict_command(
         text_tokens=text_tokens,
         output_tokens=output_tokens,
     )
+    for line in single.warnings:
+        click.echo(line, err=True)
     click.echo(single.block())
 
 

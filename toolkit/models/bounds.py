@@ -13,8 +13,15 @@ exactly this), fitted on the scores as residuals.
 Why log ratios and one factor per level: timing noise is multiplicative, so a ratio is the
 natural score, and a factor keeps every bound a constant multiple of its point prediction.
 Hence bounds never cross (``q`` grows with ``a``), grow with output tokens (the total does),
-and cost one multiplication each in the exported graph. ``total_pXX >= prefill_pXX`` holds by
-construction: the total's factor is raised to at least the prefill's (total >= prefill).
+and cost one multiplication each in the exported graph.
+
+The total's bound is ``max(total_ms x g, prefill_pXX_ms)``: a total can never be below its
+own prefill, so it is never bounded below the prefill's bound either (``total_pXX >=
+prefill_pXX`` by construction). The factor ``g`` is calibrated for exactly that form: a
+calibration sample whose total lies under its prefill bound is covered whatever ``g`` is,
+and scores lowest. A single factor raised to the prefill's would over-cover wherever the
+total is relatively less noisy than the prefill (measured: 96 % for a nominal 90 % on
+generated data with equal log-normal noise on both stages).
 """
 
 from __future__ import annotations
@@ -69,24 +76,23 @@ class ConformalBounds:
         total_pred: np.ndarray,
         source: str = "calibration split",
     ) -> ConformalBounds:
-        prefill_scores = _log_ratio(prefill_true, prefill_pred)
-        total_scores = _log_ratio(total_true, total_pred)
-        prefill_q = conformal_log_quantiles(prefill_scores, PREFILL_LEVELS)
-        total_q = conformal_log_quantiles(total_scores, TOTAL_LEVELS)
+        ok = _usable(prefill_true, prefill_pred) & _usable(total_true, total_pred)
+        p_true = np.asarray(prefill_true, dtype=np.float64).ravel()[ok]
+        p_pred = np.asarray(prefill_pred, dtype=np.float64).ravel()[ok]
+        t_true = np.asarray(total_true, dtype=np.float64).ravel()[ok]
+        t_pred = np.asarray(total_pred, dtype=np.float64).ravel()[ok]
+        prefill_q = conformal_log_quantiles(np.log(p_true / p_pred), PREFILL_LEVELS)
         prefill = {name: _exp(q) for name, q in prefill_q.items()}
         total: dict[str, float] = {}
         floor = 0.0
-        for name, q in total_q.items():
-            # total >= prefill, so a factor >= the prefill's keeps total_pXX >= prefill_pXX;
-            # and levels in ascending order keep the total's bounds from crossing.
-            floor = max(floor, _exp(q), prefill[name])
+        for name, level in TOTAL_LEVELS.items():
+            covered_by_prefill = t_true <= p_pred * prefill[name]
+            scores = np.where(covered_by_prefill, _LOWEST_SCORE, np.log(t_true / t_pred))
+            q = conformal_log_quantiles(scores, {name: level})[name]
+            # Levels in ascending order: the factor never shrinks, so bounds never cross.
+            floor = max(floor, _exp(q))
             total[name] = floor
-        return cls(
-            prefill=prefill,
-            total=total,
-            n_calibration=int(min(np.isfinite(prefill_scores).sum(), total_scores.size)),
-            source=source,
-        )
+        return cls(prefill=prefill, total=total, n_calibration=int(ok.sum()), source=source)
 
     def apply(self, prefill_ms: np.ndarray, total_ms: np.ndarray) -> dict[str, np.ndarray]:
         """Bound columns (``prefill_p50_ms`` ... ``total_p95_ms``) of point predictions."""
@@ -94,7 +100,11 @@ class ConformalBounds:
             f"prefill_{name}_ms": np.asarray(prefill_ms) * factor
             for name, factor in self.prefill.items()
         }
-        out.update({f"total_{name}_ms": np.asarray(total_ms) * f for name, f in self.total.items()})
+        for name, factor in self.total.items():
+            # A total is never below its own prefill: nor is its bound (module docstring).
+            out[f"total_{name}_ms"] = np.maximum(
+                np.asarray(total_ms) * factor, out[f"prefill_{name}_ms"]
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,11 +131,14 @@ class ConformalBounds:
         )
 
 
-def _log_ratio(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+#: Score of a sample covered whatever the factor (below every real log ratio).
+_LOWEST_SCORE = -1e6
+
+
+def _usable(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     t = np.asarray(true, dtype=np.float64).ravel()
     p = np.asarray(pred, dtype=np.float64).ravel()
-    ok = (t > 0) & (p > 0) & np.isfinite(t) & np.isfinite(p)
-    return np.log(t[ok] / p[ok])
+    return np.asarray((t > 0) & (p > 0) & np.isfinite(t) & np.isfinite(p))
 
 
 def _exp(q: float) -> float:

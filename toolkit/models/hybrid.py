@@ -50,7 +50,13 @@ from safetensors.torch import load_file, save_file
 
 from toolkit import __version__
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, feature_matrix, impossible_inputs
+from toolkit.features import (
+    FEATURE_NAMES,
+    OUTPUT_NAMES,
+    feature_matrix,
+    impossible_inputs,
+    supported_range,
+)
 from toolkit.metrics import bias_share, coverage, regression_metrics
 from toolkit.models.artifact import (
     DECODE_FILE,
@@ -169,6 +175,12 @@ _WIDTH = _CNT + 1
 
 def _finite_float(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _fmt_values(values: np.ndarray) -> str:
+    unique = np.unique(values)
+    shown = ", ".join(f"{v:g}" for v in unique[:3])
+    return shown + (f" (and {len(unique) - 3} more)" if len(unique) > 3 else "")
 
 
 def _clean_metrics(metrics: Any) -> dict[str, Any]:
@@ -583,6 +595,33 @@ class HybridLatencyModel:
         }
         out.update(self.bounds.apply(prefill, total))
         return {name: out[name] for name in OUTPUT_NAMES}
+
+    def supported_ranges(self) -> dict[str, tuple[float, float]]:
+        """Per feature, the range answered without an extrapolation flag: the training range
+        widened by ``EXTRAPOLATION_MARGIN`` (``toolkit.features.supported_range``)."""
+        ranges = self.manifest.get("training_summary", {}).get("feature_ranges", {})
+        return {
+            name: supported_range(name, *ranges[name]) for name in FEATURE_NAMES if name in ranges
+        }
+
+    def extrapolation(self, features: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """(bool [B]: row lies beyond the supported range, one message per such feature)."""
+        x = np.asarray(features, dtype=np.float64)
+        flags = np.zeros(x.shape[0], dtype=bool)
+        messages = []
+        training = self.manifest.get("training_summary", {}).get("feature_ranges", {})
+        for name, (low, high) in self.supported_ranges().items():
+            values = x[:, FEATURE_NAMES.index(name)]
+            beyond = (values < low) | (values > high)
+            if beyond.any():
+                flags |= beyond
+                lo, hi = training[name]
+                messages.append(
+                    f"warning: {name} {_fmt_values(values[beyond])} is beyond the training range "
+                    f"{lo:g}-{hi:g} by more than the supported margin ({low:g}-{high:g}); "
+                    "the prediction is an extrapolation"
+                )
+        return flags, messages
 
     def answer_budget(self, text_tokens: int, budget_ms: float, **options: Any) -> pl.DataFrame:
         """Which configurations fit ``budget_ms`` for one request, ranked, with output room.

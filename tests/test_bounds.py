@@ -1,0 +1,178 @@
+"""Calibrated bounds: conformal quantiles, coverage on data with known log-normal noise,
+bounds that never cross, recalibrated bounds that cover."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from synthetic import make_samples, prefill_ms, vision_ms, write_results_dir
+
+from toolkit.data import load_results
+from toolkit.models.bounds import ConformalBounds, conformal_log_quantiles
+from toolkit.models.hybrid import HybridLatencyModel
+from toolkit.recalibrate import recalibrate
+from toolkit.training import split_samples
+
+SIGMA = 0.1  # log-normal noise of the generated data (multiplicative, known)
+Z90, Z95 = 1.2815516, 1.6448536  # standard normal quantiles
+
+
+def _log_normal_samples(
+    seed: int, n_per_config: int, prefill_scale: float = 1.0, decode_scale: float = 1.0
+) -> list:
+    """Synthetic samples whose prefill and decode total carry exactly log-normal noise."""
+    rng = np.random.default_rng(seed + 100)
+    out = []
+    for s in make_samples(n_per_config=n_per_config, seed=seed, noise=0.0, runs_per_pass=1):
+        prefill_noise, decode_noise = np.exp(SIGMA * rng.standard_normal(2))
+        clean_prefill = prefill_ms(s.vision_tokens, s.text_tokens, s.top_k, s.num_active_blocks)
+        out.append(
+            dataclasses.replace(
+                s,
+                # T_prefill_total = vision + prefill: scale both so the total is exact.
+                t_vision=vision_ms(s.crops) * prefill_scale * prefill_noise,
+                t_prefill=clean_prefill * prefill_scale * prefill_noise,
+                pass_runs_ms=[[r * decode_scale * decode_noise for r in p] for p in s.pass_runs_ms],
+            )
+        )
+    return out
+
+
+def _load(tmp: Path, samples: list) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    write_results_dir(tmp, samples)
+    loaded = load_results(tmp, cache=False)
+    return loaded.samples, loaded.steps
+
+
+@pytest.fixture(scope="module")
+def lognormal_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[HybridLatencyModel, Path]:
+    root = tmp_path_factory.mktemp("bounds")
+    samples, steps = _load(root / "train", _log_normal_samples(seed=0, n_per_config=20))
+    train, val = split_samples(samples, val_fraction=0.4, seed=0)
+    model = HybridLatencyModel(
+        num_epochs=30, device="cpu", prefill_params={"n_estimators": 150, "nthread": 1}
+    ).fit(train, steps, val_samples=val)
+    return model, root
+
+
+def test_conformal_quantile_is_the_finite_sample_order_statistic() -> None:
+    rng = np.random.default_rng(0)
+    levels = {"p50": 0.5, "p90": 0.9, "p95": 0.95}
+    for n in (10, 18, 19, 25, 200):
+        scores = rng.normal(size=n)
+        got = conformal_log_quantiles(scores, levels)
+        ordered = np.sort(scores)
+        for name, a in levels.items():
+            rank = math.ceil((n + 1) * a)
+            want = ordered[rank - 1] if rank <= n else math.inf
+            assert got[name] == want, (n, name)
+    # Too few scores for P95 (n < 19): unbounded, never an under-covering guess.
+    assert conformal_log_quantiles(rng.normal(size=18), {"p95": 0.95})["p95"] == math.inf
+
+
+def test_bounds_match_the_true_log_normal_quantiles() -> None:
+    """Scores with known noise: factors equal exp(sigma z_a) within 3 standard errors."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    pred = rng.uniform(10, 500, n)
+    true = pred * np.exp(SIGMA * rng.standard_normal(n))
+    bounds = ConformalBounds.fit(true, pred, true, pred)
+    # Standard error of the a-quantile of n normals, in units of sigma: sqrt(a(1-a)/n)/phi(z).
+    for name, z in (("p90", Z90), ("p95", Z95)):
+        se = math.sqrt(0.05 * 0.95 / n) / (math.exp(-z * z / 2) / math.sqrt(2 * math.pi))
+        assert abs(math.log(bounds.prefill[name]) - SIGMA * z) < 3 * se * SIGMA, name
+    assert abs(math.log(bounds.prefill["p50"])) < 0.05 * SIGMA
+
+
+def test_model_bounds_cover_fresh_log_normal_data(
+    lognormal_model: tuple[HybridLatencyModel, Path],
+) -> None:
+    model, root = lognormal_model
+    fresh, _ = _load(root / "fresh", _log_normal_samples(seed=7, n_per_config=12))
+    pred = model.predict_frame(fresh)
+    prefill = fresh["T_prefill_total"].to_numpy()
+    total = prefill + fresh["T_LLM_decode"].to_numpy()
+    # The calibration part holds ~430 samples: coverage is within ~2 points of nominal
+    # (binomial spread of the calibration draw and of the 972 fresh samples).
+    assert 0.86 <= np.mean(prefill <= pred["prefill_p90_ms"]) <= 0.94
+    assert 0.92 <= np.mean(prefill <= pred["prefill_p95_ms"]) <= 0.98
+    assert 0.86 <= np.mean(total <= pred["total_p90_ms"]) <= 0.94
+    assert 0.92 <= np.mean(total <= pred["total_p95_ms"]) <= 0.98
+    # The model itself is near-exact here (the physics matches), so the prefill factors are
+    # the noise's own quantiles: exp(sigma z) within 4 %.
+    assert model.bounds.prefill["p95"] == pytest.approx(math.exp(SIGMA * Z95), rel=0.04)
+    assert model.bounds.prefill["p90"] == pytest.approx(math.exp(SIGMA * Z90), rel=0.04)
+    assert model.bounds.n_calibration > 300
+
+
+def test_bounds_never_cross_and_grow_with_output_tokens(
+    lognormal_model: tuple[HybridLatencyModel, Path],
+) -> None:
+    model, _ = lognormal_model
+    rng = np.random.default_rng(3)
+    features = np.column_stack(
+        [
+            rng.choice([288, 1008, 2016], 50),
+            rng.integers(0, 300, 50),
+            rng.integers(0, 3, 50),
+            rng.integers(1, 17, 50),
+            rng.integers(1, 21, 50),
+        ]
+    ).astype(np.float32)
+    previous = None
+    for tokens in (0, 1, 2, 5, 30, 200, 4096):
+        out = model.predict(features, np.full(50, tokens, np.float32))
+        assert (out["prefill_p50_ms"] <= out["prefill_p90_ms"]).all()
+        assert (out["prefill_p90_ms"] <= out["prefill_p95_ms"]).all()
+        assert (out["total_p90_ms"] <= out["total_p95_ms"]).all()
+        assert (out["total_p90_ms"] >= out["prefill_p90_ms"]).all()
+        assert (out["total_p95_ms"] >= out["prefill_p95_ms"]).all()
+        if previous is not None:
+            for name in ("total_ms", "total_p90_ms", "total_p95_ms"):
+                assert (out[name] >= previous[name]).all(), (tokens, name)
+        previous = out
+
+
+def test_recalibrated_bounds_cover_the_target(
+    lognormal_model: tuple[HybridLatencyModel, Path],
+) -> None:
+    """A target machine 1.6x slower in prefill, 0.7x in decode: 50 samples re-calibrate the
+    bounds (leave-one-out scores), which then cover the rest of the target; 10 samples are
+    too few to certify a P95 (unbounded) while P90 is finite."""
+    model, root = lognormal_model
+    target, _ = _load(
+        root / "target",
+        _log_normal_samples(seed=11, n_per_config=8, prefill_scale=1.6, decode_scale=0.7),
+    )
+    source = model.predict_frame(target)
+    total = target["T_prefill_total"].to_numpy() + target["T_LLM_decode"].to_numpy()
+    assert np.mean(total <= source["total_p95_ms"]) < 0.5  # the source's bounds do not hold
+
+    calibrated, _, rest = recalibrate(model, target, n_samples=50)
+    pred = calibrated.predict_frame(rest)
+    rest_total = rest["T_prefill_total"].to_numpy() + rest["T_LLM_decode"].to_numpy()
+    assert np.mean(rest_total <= pred["total_p95_ms"]) >= 0.92
+    assert np.mean(rest_total <= pred["total_p90_ms"]) >= 0.85
+    assert np.mean(rest["T_prefill_total"].to_numpy() <= pred["prefill_p95_ms"]) >= 0.92
+
+    few, _, _ = recalibrate(model, target, n_samples=10)
+    assert few.bounds.total["p95"] == math.inf and math.isfinite(few.bounds.total["p90"])
+    out = few.predict_frame(rest.head(5))
+    assert np.isinf(out["total_p95_ms"]).all() and np.isfinite(out["total_p90_ms"]).all()
+
+
+def test_bounds_survive_save_and_load_including_unbounded(
+    lognormal_model: tuple[HybridLatencyModel, Path], tmp_path: Path
+) -> None:
+    model, root = lognormal_model
+    target, _ = _load(root / "target2", _log_normal_samples(seed=12, n_per_config=2))
+    few, _, _ = recalibrate(model, target, n_samples=10)
+    few.save(tmp_path / "m")
+    loaded = HybridLatencyModel.load(tmp_path / "m")
+    assert loaded.bounds == few.bounds and loaded.bounds.total["p95"] == math.inf
+    assert loaded.uncalibrated().bounds == model.bounds
