@@ -75,7 +75,7 @@ METRIC_KEYS: tuple[str, ...] = ("n", "mae_ms", "rmse_ms", "mape_pct", "r2", "rel
 
 #: Display names of the models in the side-by-side table.
 MODEL_LABELS: dict[str, str] = {
-    "hybrid": "hybrid (XGBoost + decode net)",
+    "hybrid": "hybrid (physics x trees + decode net)",
     "lookup_table": "lookup table (config means)",
     "linear": "linear regression",
     "single_network": "original single network",

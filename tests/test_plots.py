@@ -74,7 +74,7 @@ def _has_colour(path: Path, rgb: tuple[int, int, int], min_pixels: int = 200) ->
 def test_new_figures_of_a_model_trained_on_a_knob_split(tmp_path: Path) -> None:
     write_results_dir(tmp_path / "results", make_samples(n_per_config=2, seed=6))
     loaded = load_results(tmp_path / "results")
-    profiled, never = knob_split(loaded.samples, "extrap")
+    profiled, _ = knob_split(loaded.samples, "extrap")
     model = HybridLatencyModel(
         num_epochs=2, device="cpu", prefill_params={"n_estimators": 30, "nthread": 1}
     ).fit(profiled, loaded.steps)
@@ -83,7 +83,7 @@ def test_new_figures_of_a_model_trained_on_a_knob_split(tmp_path: Path) -> None:
     # which samples count as profiled: those whose configuration the model trained on
     data = prepare_plot_data(model, loaded.samples)
     assert data.profiled is not None
-    trained_on = loaded.samples["config"].is_in(model.training_data["config"].unique())
+    trained_on = loaded.samples["config"].is_in(model.training_data["config"].to_list())
     np.testing.assert_array_equal(data.profiled, trained_on.to_numpy())
     assert 0 < data.profiled.sum() < loaded.samples.height
 
@@ -184,14 +184,28 @@ def test_cli_plot_missing_checkpoint_exits_2(tmp_path: Path, results_dir: Path) 
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_cli_plot_held_out_only_with_nothing_held_out(
-    trained: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_cli_plot_held_out_only_with_nothing_held_out(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from toolkit.cli import main
 
-    checkpoint, results = trained  # trained on every sample: nothing is held out
+    # Under 10 samples the model spares none for calibration: it trains on every sample, so
+    # nothing is held out.
+    results, checkpoint = tmp_path / "results", tmp_path / "checkpoint"
+    few = make_samples(
+        n_per_config=1,
+        datasets=("text_vqa",),
+        tiers=("low", "high"),
+        top_ks=(4, 8),
+        blocks=(8, 16),
+    )
+    write_results_dir(results, few)
+    loaded = load_results(results)
+    assert loaded.samples.height < 10
+    model = HybridLatencyModel(num_epochs=1, device="cpu", prefill_params={"n_estimators": 5})
+    model.fit(loaded.samples, loaded.steps).save(checkpoint)
+    assert model.training_data is not None
+    assert model.training_data.height == loaded.samples.height
     result = CliRunner().invoke(
         main,
         [

@@ -65,7 +65,7 @@ from toolkit.models.artifact import (
     read_verified_manifest,
     write_artifact,
 )
-from toolkit.models.bounds import ConformalBounds
+from toolkit.models.bounds import PREFILL_LEVELS, TOTAL_LEVELS, ConformalBounds
 from toolkit.models.calibration import Calibration
 from toolkit.models.decode import (
     BASIS_TERMS,
@@ -81,7 +81,10 @@ from toolkit.models.prefill import PrefillModel
 log = logging.getLogger(__name__)
 
 #: The bound outputs (every ``*_pXX_ms`` of ``OUTPUT_NAMES``).
-BOUND_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUT_NAMES if "_p" in n and n.endswith("_ms"))
+BOUND_OUTPUTS: tuple[str, ...] = (
+    *(f"prefill_{name}_ms" for name in PREFILL_LEVELS),
+    *(f"total_{name}_ms" for name in TOTAL_LEVELS),
+)
 
 #: Columns kept in ``training_data.parquet`` (baselines of ``evaluate`` refit on them).
 TRAINING_DATA_COLUMNS: tuple[str, ...] = (
@@ -284,7 +287,7 @@ class HybridLatencyModel:
         prefill_params: dict[str, Any] | None = None,
         cpu_threads: int | None = 1,
         sum_loss: str = "log",
-        calibration_fraction: float = 0.5,
+        calibration_fraction: float = 0.2,
     ) -> None:
         self.device = device
         self.seed = seed
@@ -347,18 +350,20 @@ class HybridLatencyModel:
         """Fit the prefill model (early stopping on ``val_samples``), then the decode net,
         then calibrate the bounds.
 
-        The calibration part: a seeded ``calibration_fraction`` of ``val_samples`` (the rest
-        serves early stopping), or, without validation samples, a seeded 20 % of ``samples``
-        (the model is fitted on the other 80 %). ``on_epoch`` is called after every decode
-        epoch; ``progress`` shows a tqdm bar on stderr. The decode weights of the epoch with
-        the lowest validation loss are kept.
+        The calibration part is a seeded ``calibration_fraction`` of ``samples``: the models
+        are fitted on the rest, so the calibration scores are honest, and ``val_samples``
+        (early stopping, reported validation metrics, ``evaluate --held-out-only``) never
+        touch the bounds. ``training_data`` keeps both parts, with a ``role`` column ("fit"
+        or "calibration"). ``on_epoch`` is called after every decode epoch; ``progress``
+        shows a tqdm bar on stderr. The decode weights of the epoch with the lowest
+        validation loss are kept.
         """
         _check_columns(samples, "training samples")
         if samples.height == 0:
             raise LatkitError("no training samples")
         if val_samples is not None and val_samples.height > 0:
             _check_columns(val_samples, "validation samples")
-        samples, val_samples, calibration_samples = self._calibration_split(samples, val_samples)
+        samples, calibration_samples = self._calibration_split(samples)
         has_val = val_samples is not None and val_samples.height > 0
         device = resolve_device(self.device)
 
@@ -397,32 +402,29 @@ class HybridLatencyModel:
                 prefill_true, pred["prefill_ms"], prefill_true + decode_true, pred["total_ms"]
             )
         present = [c for c in TRAINING_DATA_COLUMNS if c in samples.columns]
-        self.training_data = samples.select(present)
+        self.training_data = pl.concat(
+            [
+                samples.select(present).with_columns(pl.lit("fit").alias("role")),
+                calibration_samples.select(present).with_columns(
+                    pl.lit("calibration").alias("role")
+                ),
+            ]
+        )
         self.manifest = self._describe(samples, val_samples if has_val else None)
         self.manifest["training_summary"]["n_calibration"] = calibration_samples.height
         return self
 
-    def _calibration_split(
-        self, samples: pl.DataFrame, val_samples: pl.DataFrame | None
-    ) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame]:
-        """(fit samples, early-stopping samples, calibration samples); see ``fit``."""
-        rng = np.random.default_rng([self.seed, 29])
-        if val_samples is not None and val_samples.height >= 2:
-            pick = np.zeros(val_samples.height, dtype=bool)
-            n_cal = max(
-                1,
-                min(val_samples.height - 1, round(val_samples.height * self.calibration_fraction)),
-            )
-            pick[rng.permutation(val_samples.height)[:n_cal]] = True
-            mask = pl.Series(pick)
-            return samples, val_samples.filter(~mask), val_samples.filter(mask)
+    def _calibration_split(self, samples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(fit samples, calibration samples); see ``fit``."""
         if samples.height < 10:
             # Too few to spare any: uncalibrated bounds (factors 1), said in the manifest.
-            return samples, val_samples, samples.head(0)
+            return samples, samples.head(0)
+        rng = np.random.default_rng([self.seed, 29])
         pick = np.zeros(samples.height, dtype=bool)
-        pick[rng.permutation(samples.height)[: samples.height // 5]] = True
+        n_cal = max(1, round(samples.height * self.calibration_fraction))
+        pick[rng.permutation(samples.height)[:n_cal]] = True
         mask = pl.Series(pick)
-        return samples.filter(~mask), val_samples, samples.filter(mask)
+        return samples.filter(~mask), samples.filter(mask)
 
     def _prefill_rel_mse(self, x: np.ndarray, y: np.ndarray) -> float:
         ok = y > 0
