@@ -1,11 +1,15 @@
-"""``latkit demo``: the whole pipeline on the bundled measured dataset.
+"""``latkit demo``: the whole pipeline on a bundled measured sweep.
 
-Trains the hybrid model twice (random split, and whole configurations held out), scores
-both on their held-out samples with the baselines side by side, draws the figures,
-exports the fused predictor (ONNX + TorchScript, with the budget query), answers a few
-controller questions with it, and recalibrates the model to the second bundled sweep
-(measured with two threads instead of one). Every step calls the same function as the
-command of the same name.
+Trains the hybrid model (random split) and scores it on its held-out samples with the
+baselines side by side, trains it again on a sparse 3x3 grid of profiled configurations and
+scores the 16 per tier it never saw (errors, bias, coverage of the bounds), draws the
+figures, exports the fused predictor (ONNX + TorchScript, with the budget query), answers a
+few controller questions with it, and recalibrates the model to the sweep's 2-thread twin.
+Every step calls the same function as the command of the same name.
+
+``data="small"`` (default): the ``small`` preset's sweep, whose latency is set by compute;
+``data="tiny"``: the ``tiny`` preset's, faster to train on and overhead-bound (see
+``data/README.md``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ from toolkit.errors import LatkitError
 
 log = logging.getLogger("latkit.demo")
 
-BUNDLED_DATASET = "core_exp_tiny_cpu"
-#: The same grid measured under another condition (2 torch threads), for recalibration.
-BUNDLED_TARGET_DATASET = "core_exp_tiny_cpu_2threads"
+#: Bundled sweeps by preset: (the sweep, the same grid measured with 2 torch threads, the
+#: recalibration target).
+BUNDLED: dict[str, tuple[str, str]] = {
+    "small": ("core_exp_small_cpu", "core_exp_small_cpu_2threads"),
+    "tiny": ("core_exp_tiny_cpu", "core_exp_tiny_cpu_2threads"),
+}
+DEFAULT_DATA = "small"
 
 
 def bundled_data_dir() -> Path:
@@ -54,11 +62,11 @@ def _banner(title: str) -> None:
 
 
 def _metric_line(label: str, result: dict[str, Any]) -> str:
-    prefill, decode = result["prefill"], result["decode_total"]
-    return (
-        f"  {label:<34} prefill MAPE {prefill['mape_pct']:6.2f}%  R² {prefill['r2']:.3f}   "
-        f"decode total MAPE {decode['mape_pct']:6.2f}%  R² {decode['r2']:.3f}"
-    )
+    prefill, decode = result["prefill"], result.get("decode_total")
+    line = f"  {label:<34} prefill MAPE {prefill['mape_pct']:6.2f}%  R² {prefill['r2']:.3f}"
+    if decode:  # the trees-only baseline predicts prefill only
+        line += f"   decode total MAPE {decode['mape_pct']:6.2f}%  R² {decode['r2']:.3f}"
+    return line
 
 
 def run_demo(
@@ -67,64 +75,61 @@ def run_demo(
     target_results_dir: str | Path | None = None,
     num_epochs: int = 50,
     single_network_epochs: int = 50,
+    data: str = DEFAULT_DATA,
 ) -> DemoSummary:
     """Run the pipeline into ``work_dir``; returns what was written and measured."""
     from exporters.export import export_checkpoint
     from exporters.predict import predict_single
     from exporters.runtime import LatencyPredictor
     from reports.evaluation import run_evaluation
+    from reports.knob_splits import score_split
     from reports.plots import run_plots
     from toolkit.controller import budget_table, knob_grid, request_features
+    from toolkit.data import load_results
     from toolkit.recalibrate import run_recalibration
     from toolkit.training import train_model
 
+    if data not in BUNDLED:
+        raise LatkitError(f"--data {data!r}: expected one of {', '.join(BUNDLED)}")
     started = time.perf_counter()
     work = Path(work_dir)
-    data = Path(results_dir) if results_dir is not None else bundled_data_dir() / BUNDLED_DATASET
-    if not data.is_dir():
+    sweep, twin = BUNDLED[data]
+    results = Path(results_dir) if results_dir is not None else bundled_data_dir() / sweep
+    if not results.is_dir():
         raise LatkitError(
-            f"bundled dataset not found at {data}: run latkit from its source tree "
+            f"bundled dataset not found at {results}: run latkit from its source tree "
             "(pip install -e .) or pass --results-dir"
         )
     target = (
-        Path(target_results_dir)
-        if target_results_dir is not None
-        else bundled_data_dir() / BUNDLED_TARGET_DATASET
+        Path(target_results_dir) if target_results_dir is not None else bundled_data_dir() / twin
     )
     summary = DemoSummary(work_dir=work)
-    summary.paths["results (bundled measurements)"] = data
+    summary.paths["results (bundled measurements)"] = results
 
-    checkpoints = {
-        "sample": work / "checkpoints" / "latency_estimator",
-        "config": work / "checkpoints" / "latency_estimator_config_split",
-    }
-    for split, checkpoint in checkpoints.items():
-        _banner(f"train ({split} split)")
-        train_model(data, checkpoint, split=split, num_epochs=num_epochs, progress=False)
-        summary.paths[f"model ({split} split)"] = checkpoint
+    checkpoint = work / "checkpoints" / "latency_estimator"
+    _banner("train (random split)")
+    train_model(results, checkpoint, split="sample", num_epochs=num_epochs, progress=False)
+    summary.paths["model"] = checkpoint
 
     _banner("evaluate (held-out samples, with baselines)")
     evaluation = run_evaluation(
-        checkpoints["sample"],
-        data,
+        checkpoint,
+        results,
         output_file=work / "evaluation_results.json",
         baselines=True,
         held_out_only=True,
         single_network_epochs=single_network_epochs,
     )
-    summary.paths["evaluation (sample split)"] = work / "evaluation_results.json"
-    _banner("evaluate (configurations never seen in training)")
-    unseen = run_evaluation(
-        checkpoints["config"],
-        data,
-        output_file=work / "evaluation_config_split.json",
-        held_out_only=True,
-    )
-    summary.paths["evaluation (config split)"] = work / "evaluation_config_split.json"
-    summary.metrics = {"sample_split": evaluation, "config_split": unseen}
+    summary.paths["evaluation"] = work / "evaluation_results.json"
+
+    _banner("sparse grid: profile 3x3 configurations per tier, predict the other 16")
+    loaded = load_results(results)
+    sparse = score_split(loaded.samples, loaded.steps, "sparse", num_epochs=num_epochs)
+    summary.metrics = {"sample_split": evaluation, "sparse_grid": sparse.to_dict()}
     summary.lines += ["", "Held-out accuracy (the baselines were fit on the same training split):"]
-    summary.lines.append(_metric_line("hybrid, random split", evaluation))
+    summary.lines.append(_metric_line("hybrid (physics x trees)", evaluation))
     for name, label in [
+        ("trees_only", "trees-only prefill (latkit 0.2)"),
         ("lookup_table", "per-config lookup table"),
         ("linear", "linear regression"),
         ("single_network", "original single network"),
@@ -132,7 +137,28 @@ def run_demo(
         baseline = evaluation.get("baselines", {}).get(name)
         if baseline:
             summary.lines.append(_metric_line(label, baseline))
-    summary.lines.append(_metric_line("hybrid, configs held out", unseen))
+    coverage = evaluation.get("coverage", {})
+    summary.lines.append(
+        "  bounds on the held-out samples: "
+        + ", ".join(
+            f"{name} covers {100 * coverage[name]:.1f}%"
+            for name in ("prefill_p95_ms", "total_p90_ms", "total_p95_ms")
+            if coverage.get(name) is not None
+        )
+    )
+    summary.lines += ["", "Sparse grid (trained on top_k 4/8/12 x blocks 8/12/16 of each tier):"]
+    for label, part in (
+        ("profiled configs, held-out samples", sparse.profiled),
+        ("16 never-profiled configs per tier", sparse.held_out),
+    ):
+        if part is None:
+            continue
+        summary.lines.append(
+            f"  {label:<36} prefill MAPE {part.prefill_mape_pct:6.2f}% (bias "
+            f"{part.prefill_bias:.2f})  decode total MAPE {part.decode_total_mape_pct:6.2f}%  "
+            f"total_p90 covers {100 * part.coverage['total_p90_ms']:.1f}%, total_p95 "
+            f"{100 * part.coverage['total_p95_ms']:.1f}%"
+        )
     floor = evaluation.get("noise_floor", {})
     if floor:
         summary.lines.append(
@@ -145,12 +171,12 @@ def run_demo(
         )
 
     _banner("plot")
-    figures = run_plots(checkpoints["sample"], data, work / "visualizations", held_out_only=True)
+    figures = run_plots(checkpoint, results, work / "visualizations", held_out_only=True)
     summary.paths["figures"] = work / "visualizations"
     summary.lines.append(f"\n{len(figures)} figures written.")
 
     _banner("export")
-    exported = export_checkpoint(checkpoints["sample"], work / "exported")
+    exported = export_checkpoint(checkpoint, work / "exported")
     for fmt, path in exported.written.items():
         summary.paths[f"predictor ({fmt})"] = path
     for fmt, path in exported.budget_written.items():
@@ -162,10 +188,9 @@ def run_demo(
     summary.lines.append(f"Exported predictor agrees with Python to {worst:.1e} relative.")
 
     _banner("predict")
-    model_path = checkpoints["sample"]
     from toolkit.models.hybrid import HybridLatencyModel
 
-    model = HybridLatencyModel.load(model_path)
+    model = HybridLatencyModel.load(checkpoint)
     summary.lines += ["", "A few configurations (64 prompt tokens, 8 output tokens):"]
     for tier, top_k, blocks in [("low", 4, 8), ("medium", 8, 12), ("high", 12, 16)]:
         single = predict_single(
@@ -210,7 +235,7 @@ def run_demo(
         _banner("recalibrate to the 2-thread sweep")
         recalibrated = work / "checkpoints" / "latency_estimator_recalibrated_2threads"
         report = run_recalibration(
-            checkpoints["sample"],
+            checkpoint,
             target,
             recalibrated,
             n_samples=25,

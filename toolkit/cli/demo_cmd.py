@@ -21,27 +21,41 @@ from toolkit.demo import run_demo
     help="Where models, evaluations, figures and exported predictors go.",
 )
 @click.option(
+    "--data",
+    type=click.Choice(["small", "tiny"]),
+    default="small",
+    show_default=True,
+    help="Bundled sweep: 'small' (compute-bound CPU model, the default) or 'tiny' "
+    "(overhead-bound, trains faster).",
+)
+@click.option(
     "--results-dir",
     "--results_dir",
     "results_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Results to use instead of the bundled data/core_exp_tiny_cpu.",
+    help="Results to use instead of the bundled sweep chosen by --data.",
 )
 @click.option(
     "--target-results-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Results of another machine to recalibrate to (default: the bundled 2-thread sweep).",
+    help="Results of another machine to recalibrate to (default: the bundled sweep's "
+    "2-thread twin).",
 )
 @click.option("--num-epochs", "--num_epochs", "num_epochs", type=int, default=50, show_default=True)
 def demo_command(
-    work_dir: Path, results_dir: Path | None, target_results_dir: Path | None, num_epochs: int
+    work_dir: Path,
+    data: str,
+    results_dir: Path | None,
+    target_results_dir: Path | None,
+    num_epochs: int,
 ) -> None:
-    """Train, evaluate (with baselines), plot, export, predict and recalibrate on the
-    bundled CPU measurements, then print a summary with every path.
+    """Train, evaluate (with baselines), score never-profiled configurations (sparse grid),
+    plot, export, predict and recalibrate on bundled CPU measurements, then print a
+    summary with every path.
 
-    Takes a few minutes on 2 CPU cores.
+    Takes about two minutes on 2 CPU cores.
     """
     setup_logging()
     summary = run_demo(
@@ -49,5 +63,6 @@ def demo_command(
         results_dir=results_dir,
         target_results_dir=target_results_dir,
         num_epochs=num_epochs,
+        data=data,
     )
     click.echo(summary.text())
