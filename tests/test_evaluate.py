@@ -499,7 +499,9 @@ def test_cli_evaluate_baselines_with_original_spellings(
     assert code == 0, text
     data = json.loads(out.read_text())
     assert list(data["baselines"]) == ["lookup_table", "linear", "single_network", "trees_only"]
-    n_train = json.loads((checkpoint / "manifest.json").read_text())["training_summary"]["n_train"]
+    summary = json.loads((checkpoint / "manifest.json").read_text())["training_summary"]
+    # Held out: neither fitted on nor used to calibrate the bounds.
+    n_train = summary["n_train"] + summary["n_calibration"]
     assert data["n_dropped_training_samples"] == n_train
     assert data["n_samples"] == load_results(results).samples.height - n_train
     assert "original single network" in text

@@ -264,7 +264,11 @@ def test_save_load_round_trip(
     assert summary["n_train"] + summary["n_val"] + summary["n_calibration"] == samples.height
     assert set(summary["feature_ranges"]) == set(FEATURE_NAMES)
     data = pl.read_parquet(saved / "training_data.parquet")
-    assert data.height == summary["n_train"]
+    assert data.height == summary["n_train"] + summary["n_calibration"]
+    assert data["role"].value_counts().sort("role").rows() == [
+        ("calibration", summary["n_calibration"]),
+        ("fit", summary["n_train"]),
+    ]
     assert {*FEATURE_NAMES, "T_prefill_total", "T_LLM_decode", "output_tokens"} <= set(data.columns)
     assert not list(saved.parent.glob(".*tmp"))  # atomic save leaves no temp dir behind
 

@@ -149,6 +149,11 @@ def test_molmoe_preset_dimensions() -> None:
     assert (preset.vit_width, preset.vit_layers, preset.vit_mlp) == (1024, 23, 4096)
     tiny = get_preset("tiny")
     assert (tiny.num_layers, tiny.num_experts) == (16, 64)
+    # small: the same structure, widths at which compute (not per-op overhead) sets latency.
+    small = get_preset("small")
+    assert (small.num_layers, small.num_experts, small.default_top_k) == (16, 64, 8)
+    assert (small.d_model, small.num_heads, small.expert_hidden) == (128, 4, 128)
+    assert (small.vit_width, small.vit_heads, small.vit_layers) == (128, 4, 2)
 
 
 def test_compute_grows_with_top_k_and_blocks(tiny_model: MolmoELike) -> None:

@@ -39,13 +39,13 @@ def test_train_writes_a_loadable_model(results_dir: Path, tmp_path: Path) -> Non
     assert "Epoch" not in output
     summary = [line for line in output.splitlines() if line.startswith("Trained on")]
     assert len(summary) == 1, output
-    assert "Trained on 130 samples (sample split; 16 for early stopping, 16 to calibrate" in summary[0]
+    assert "Trained on 104 samples (sample split; 32 for early stopping, 26 to calibrate" in summary[0]
     assert "total_p95 covers" in summary[0] and summary[0].endswith(f"-> {out}")
     model = HybridLatencyModel.load(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training_summary"]["split"] == "sample"
-    assert manifest["training_summary"]["n_calibration"] == 16
-    assert manifest["validation_metrics"]["prefill"]["n"] == 16
+    assert manifest["training_summary"]["n_calibration"] == 26
+    assert manifest["validation_metrics"]["prefill"]["n"] == 32
     assert model.manifest["training_summary"]["datasets"] == ["coco_2014_vqa", "doc_qa", "text_vqa"]
 
 

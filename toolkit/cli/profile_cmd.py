@@ -16,7 +16,12 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
     type=click.Choice(["tiny", "small", "molmoe-1b"]),
     default="tiny",
     show_default=True,
-    help="Model dimensions: 'molmoe-1b' is MolmoE-1B's (for a GPU), 'tiny' fits a CPU sweep.",
+    help="Model dimensions (all: 16 OLMoE blocks, 64 experts, top-k routing, CLIP ViT over "
+    "336 px crops, 144 tokens per crop). 'molmoe-1b': MolmoE-1B's (d_model 2048, 16 heads, "
+    "expert hidden 1024, ViT-L 1024 x 23 layers; for a GPU). 'small': d_model 128, 4 heads, "
+    "expert hidden 128, ViT 128 x 2 layers; compute sets its CPU latency, a full sweep takes "
+    "about 45 min on one thread. 'tiny': d_model 16, 1 head, expert hidden 16, ViT 16 x 1 "
+    "layer; per-op overhead sets its latency, a full sweep takes about 20 min.",
 )
 @click.option(
     "--device",
@@ -120,8 +125,9 @@ def profile_command(
     latency follows the architecture, accuracy fields are empty.
 
     \b
-    Example (the bundled dataset: 675 files, about 25 minutes on one CPU thread):
-      latkit profile --preset tiny --output-dir data/core_exp_tiny_cpu --gzip
+    Example (the bundled small sweep: 675 files, about 45 minutes on one CPU thread):
+      latkit profile --preset small --output-dir data/core_exp_small_cpu \\
+          --samples-per-config 3 --repeats 2 --gzip
     """
     from toolkit.profiler import (
         ProfileSettings,
