@@ -6,7 +6,8 @@ All in one process, same inputs, one thread each (so the figures compare work, n
   controller should call it); ``onnx (session.run)``: a plain ``InferenceSession.run``.
 - ``torchscript``: the exported ``latency_predictor.ts`` under ``torch.inference_mode``.
 - ``python HybridLatencyModel``: the trained model's own ``predict``.
-- ``xgboost inplace_predict``: XGBoost's fastest Python path, prefill mean head ALONE.
+- ``xgboost inplace_predict``: XGBoost's fastest Python path, the prefill booster ALONE (its
+  residual factor, without the baseline, the decode network or any bound).
 - ``original network (TorchScript)``: the original single network (5 features -> 2 x
   (Linear 256, LayerNorm, ReLU), position encoder on log(k+1), prefill and decode heads,
   decode evaluated at every position 1..N-1 as the original did), from
@@ -20,13 +21,15 @@ least disturbed round (this machine alternates between quiet and busy phases; th
 targets are checked against both and the verdict says which). Batch 4096: median of
 ``--big-calls`` calls, in µs per row. Candidates are timed round-robin (a slice of each per
 round) so that load drifting on a shared machine hits them alike. A last row times a graph
-of 7 Identity nodes with the same inputs/outputs: the fixed cost of a call from Python.
+of 9 Identity nodes with the same inputs/outputs: the fixed cost of a call from Python.
 Queries use ``--output-tokens`` tokens at batch 1 and 1..2x that at batch 4096 (the original
 network's cost grows with it; the others' does not).
 Ratios are printed against the original network and against XGBoost measured in this run.
 
-Last, the design choice for the trees, measured: the prefill mean head alone as the lookup
-table the exporter builds vs as one ONNX ``TreeEnsembleRegressor`` node.
+Last, the design choice for the trees, measured: the prefill booster's residual factor alone
+as the lookup table the exporter builds vs as one ONNX ``TreeEnsembleRegressor`` node (+ Exp).
+The exported graph's node count after ONNX Runtime's optimisations is printed too (every node
+costs ~0.35-0.4 µs of a batch-1 call).
 
     python benchmarks/predictor_speed.py [--checkpoint DIR] [--calls 3000] [--output-tokens 64]
 
@@ -36,6 +39,9 @@ Without ``--checkpoint`` a small model is fitted on synthetic data first (a few 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -62,8 +68,10 @@ from exporters.export import (
     export_model,
     load_model,
 )
+from exporters.fused import FusedPredictor
 from exporters.runtime import LatencyPredictor
 from reports.baselines import OriginalSingleNetworkModule
+from toolkit.features import OUTPUT_NAMES
 from toolkit.models.hybrid import HybridLatencyModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +109,24 @@ def interleaved_medians(
     }
 
 
+def optimised_node_count(path: Path) -> int:
+    """Nodes of the ONNX file after ONNX Runtime's own graph optimisations (what Run walks)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3  # no warning about saving an ORT_ENABLE_ALL graph
+        options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return len(onnx.load(options.optimized_model_filepath).graph.node)
+
+
 def floor_model() -> bytes:
     """A graph with the predictor's inputs and outputs and one node per output: the fixed
     cost of a call (Python binding, ORT's Run) that no graph can go below."""
     import onnx
     from onnx import TensorProto, helper
-
-    from toolkit.features import OUTPUT_NAMES
 
     nodes = [helper.make_node("Identity", ["output_tokens"], [name]) for name in OUTPUT_NAMES]
     graph = helper.make_graph(
@@ -125,9 +144,9 @@ def floor_model() -> bytes:
     return model.SerializeToString()
 
 
-def tree_ensemble_model(booster: xgb.Booster, log_target: bool) -> bytes:
-    """The mean prefill booster as ONE ai.onnx.ml TreeEnsembleRegressor node (+ Exp for a log
-    target): the alternative to the lookup table, timed on the prefill head alone."""
+def tree_ensemble_model(booster: xgb.Booster) -> bytes:
+    """The prefill booster as ONE ai.onnx.ml TreeEnsembleRegressor node + Exp (its residual
+    factor): the alternative to the lookup table, timed on the trees alone."""
     from onnx import TensorProto, helper
 
     doc = json.loads(booster.save_raw("json"))
@@ -148,7 +167,7 @@ def tree_ensemble_model(booster: xgb.Booster, log_target: bool) -> bytes:
         "target_ids",
         "target_weights",
     )
-    attrs: dict[str, list[Any]] = {key: [] for key in keys}
+    attrs: dict[str, Any] = {key: [] for key in keys}
     for t, tree in enumerate(trees):
         left, right = tree["left_children"], tree["right_children"]
         for i, child in enumerate(left):
@@ -179,7 +198,7 @@ def tree_ensemble_model(booster: xgb.Booster, log_target: bool) -> bytes:
             **attrs,
         )
     ]
-    nodes.append(helper.make_node("Exp" if log_target else "Identity", ["margin"], ["prefill"]))
+    nodes.append(helper.make_node("Exp", ["margin"], ["prefill"]))
     graph = helper.make_graph(
         nodes,
         "tree_ensemble",
@@ -193,25 +212,31 @@ def tree_ensemble_model(booster: xgb.Booster, log_target: bool) -> bytes:
     return model.SerializeToString()
 
 
-def table_prefill_model(predictor: torch.nn.Module) -> bytes:
-    """The exported predictor's prefill lookup alone (same ops as in the full graph)."""
+def table_prefill_model(predictor: FusedPredictor) -> bytes:
+    """The exported predictor's residual-factor lookup alone (the threshold Gemm, row MatMul,
+    Cast and Gather of the full graph)."""
 
-    class PrefillOnly(torch.nn.Module):
-        def __init__(self, fused: torch.nn.Module) -> None:
+    class TableOnly(torch.nn.Module):
+        def __init__(self, fused: FusedPredictor) -> None:
             super().__init__()
             self.fused = fused
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
-            _, index = self.fused.first_layer(features)
-            return self.fused.table_mean.index_select(0, index)
+            first = torch.nn.functional.hardtanh(
+                torch.addmm(self.fused.first_bias, features, self.fused.first_weight), 0.0, 1.0
+            )
+            index = torch.matmul(first, self.fused.strides).reshape(-1).to(torch.int64)
+            return self.fused.table.index_select(0, index)
 
-    program = torch.onnx.export(
-        PrefillOnly(predictor),
-        (torch.ones(3, 5),),
-        dynamo=True,
-        input_names=["features"],
-        dynamic_shapes={"features": {0: torch.export.Dim("batch", min=1)}},
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        program = torch.onnx.export(
+            TableOnly(predictor),
+            (torch.ones(3, 5),),
+            dynamo=True,
+            input_names=["features"],
+            dynamic_shapes={"features": {0: torch.export.Dim("batch", min=1)}},
+            verbose=False,
+        )
     assert program is not None
     return program.model_proto.SerializeToString()
 
@@ -219,30 +244,29 @@ def table_prefill_model(predictor: torch.nn.Module) -> bytes:
 def prefill_alone(
     model: HybridLatencyModel, x1: np.ndarray, xb: np.ndarray, calls: int, big_calls: int
 ) -> None:
-    """Lookup table vs TreeEnsemble on the prefill mean head alone, same run."""
+    """Lookup table vs TreeEnsemble on the prefill trees alone, same run."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     predictor, _, _ = build_predictor(model)
-    log_target = model.prefill.target_transform == "log"
     sessions = {
-        "prefill table (ordinary ops)": ort.InferenceSession(
+        "trees as table (ordinary ops)": ort.InferenceSession(
             table_prefill_model(predictor), options, providers=["CPUExecutionProvider"]
         ),
-        "prefill TreeEnsembleRegressor": ort.InferenceSession(
-            tree_ensemble_model(model.prefill.booster, log_target),
+        "trees as TreeEnsembleRegressor": ort.InferenceSession(
+            tree_ensemble_model(model.prefill.booster),
             options,
             providers=["CPUExecutionProvider"],
         ),
     }
-    want = model.prefill.predict(xb)
-    print("\nprefill mean head alone (ONNX Runtime, 1 thread):")
+    want = model.prefill.residual_factor(xb)
+    print("\nprefill trees alone, residual factor exp(margin) (ONNX Runtime, 1 thread):")
     one = interleaved_medians(
-        {k: (lambda s=s: s.run(None, {"features": x1})) for k, s in sessions.items()},
+        {k: functools.partial(s.run, None, {"features": x1}) for k, s in sessions.items()},
         dict.fromkeys(sessions, calls),
     )
     big = interleaved_medians(
-        {k: (lambda s=s: s.run(None, {"features": xb})) for k, s in sessions.items()},
+        {k: functools.partial(s.run, None, {"features": xb}) for k, s in sessions.items()},
         dict.fromkeys(sessions, big_calls),
         rounds=min(big_calls, 5),
     )
@@ -323,12 +347,7 @@ def main() -> None:
             load_model(args.checkpoint)
             if args.checkpoint
             else fit_small_model(
-                root / "results",
-                seed=0,
-                n_per_config=4,
-                num_epochs=5,
-                n_estimators=200,
-                quantile_n_estimators=None,
+                root / "results", seed=0, n_per_config=4, num_epochs=5, n_estimators=200
             )
         )
         result = export_model(model, root / "exported", training_data=model.training_data)
@@ -336,7 +355,9 @@ def main() -> None:
         print(
             f"model: {args.checkpoint or 'synthetic (fitted here)'}; prefill table "
             f"{result.n_cells:,} cells; decode {result.decode_form}; "
-            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+            f"ONNX graph {optimised_node_count(onnx_path)} nodes after ONNX Runtime's "
+            f"optimisations; {os.cpu_count()} CPUs, this process on "
+            f"{sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}"
         )
 
         x1, n1 = queries(model, 1, args.output_tokens, 0)
@@ -377,7 +398,7 @@ def main() -> None:
                 lambda: model.predict(x1, n1),
                 lambda: model.predict(xb, nb),
             ),
-            "xgboost inplace_predict (prefill only)": (
+            "xgboost inplace_predict (prefill trees only)": (
                 lambda: booster.inplace_predict(x1),
                 lambda: booster.inplace_predict(xb),
             ),
@@ -389,7 +410,7 @@ def main() -> None:
         floor_path = root / "floor.onnx"
         floor_path.write_bytes(floor_model())
         floor = LatencyPredictor(floor_path, device="cpu", threads=1, large_batch=1 << 30)
-        candidates["onnx floor: 7 Identity nodes, same I/O"] = (
+        candidates[f"onnx floor: {len(OUTPUT_NAMES)} Identity nodes, same I/O"] = (
             lambda: floor.run(x1, n1),
             lambda: floor.run(xb, nb),
         )
@@ -410,7 +431,11 @@ def main() -> None:
         if not args.no_cpp:
             cpp_runs = (
                 ("c++ onnxruntime", "latkit_predict_ort", onnx_path),
-                ("c++ onnxruntime floor (7 Identity nodes)", "latkit_predict_ort", floor_path),
+                (
+                    f"c++ onnxruntime floor ({len(OUTPUT_NAMES)} Identity nodes)",
+                    "latkit_predict_ort",
+                    floor_path,
+                ),
                 ("c++ libtorch", "latkit_predict_ts", ts_path),
             )
             cpp: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in cpp_runs}
@@ -428,7 +453,7 @@ def main() -> None:
                     )
 
     base_b1, _, base_big = rows["original network (TorchScript)"]
-    xgb_b1, _, xgb_big = rows["xgboost inplace_predict (prefill only)"]
+    xgb_b1, _, xgb_big = rows["xgboost inplace_predict (prefill trees only)"]
     print(
         f"\nbatch 1: output_tokens={args.output_tokens}; batch 4096: output_tokens "
         f"1..{2 * args.output_tokens}"

@@ -44,7 +44,11 @@ def main() -> None:
     print(f"  T_decode_per_token_avg: {out['decode_per_token_ms'][0]:.2f}ms/token")
     print(
         f"  T_total (estimated): {out['total_ms'][0]:.2f}ms"
-        f"{'  [outside the training range]' if out['out_of_range'][0] else ''}"
+        f"{'  [outside the supported range]' if out['out_of_range'][0] else ''}"
+    )
+    # The calibrated bounds of the whole answer: what a latency budget should be held against.
+    print(
+        f"  T_total bounds: P90 {out['total_p90_ms'][0]:.2f}ms, P95 {out['total_p95_ms'][0]:.2f}ms"
     )
 
     # Every knob setting of a request at once: a controller picks the cheapest that fits.
@@ -61,6 +65,18 @@ def main() -> None:
         f"{len(grid['total_ms'])} configurations; fastest: tier={int(tiers.ravel()[best])}, "
         f"top_k={int(top_ks.ravel()[best])}, blocks={int(blocks.ravel()[best])}: "
         f"{grid['total_ms'][best]:.2f}ms"
+    )
+    # A budget held against the calibrated P95 of the whole answer (64 output tokens): here
+    # the grid's median P95 total, so that about half of the configurations fit.
+    budget = float(np.median(grid["total_p95_ms"]))
+    features = predictor.features_from_kwargs(
+        tier=tiers.ravel(), top_k=top_ks.ravel(), num_active_blocks=blocks.ravel(), text_tokens=60
+    )
+    fits = predictor.feasible(features, budget, output_tokens=64, bound="p95")
+    room = predictor.max_output_tokens(features, np.full(len(features), budget, np.float32))
+    print(
+        f"{int(fits.sum())} of {len(fits)} configurations fit {budget:.0f} ms at P95; "
+        f"the most output any allows at P95: {int(room['max_output_tokens_p95'].max())} tokens"
     )
 
     # Per-call cost of the hot path (inputs already validated float32 arrays).

@@ -1,14 +1,18 @@
 """The second exported entry point: the largest output length that fits a latency budget.
 
 ``latency_budget.onnx`` / ``latency_budget.ts`` take ``features`` float32 [B, 5] and
-``budget_ms`` float32 [B] and return, per row, the largest N <= 4096 output tokens with
-prefill + decode_total(N) <= budget (0 where the prefill alone does not fit), once with
-the mean prefill and once with each safe bound: ``max_output_tokens``,
-``max_output_tokens_p90``, ``max_output_tokens_p95`` (float32 [B]).
+``budget_ms`` float32 [B] and return, per row, the largest N <= 4096 output tokens whose
+total fits the budget (0 where the prefill alone does not fit), once per bound:
 
-It is the same bisection as ``toolkit.controller.max_output_tokens``, unrolled: the search
-interval [1, 4097) halves 12 times, each step one O(1) decode total, so a C++ controller
-gets the answer in one call with no loop over positions.
+- ``max_output_tokens``: ``total_ms(N) = prefill_ms + decode_total_ms(N) <= budget``;
+- ``max_output_tokens_p90`` / ``_p95``: the calibrated total bound
+  ``total_pXX_ms(N) = max(total_ms(N) x g, prefill_pXX_ms) <= budget``
+  (``toolkit.models.bounds``; an unbounded level, factor +inf, fits nothing: 0),
+
+as float32 [B]. The rule is ``toolkit.controller.max_output_tokens`` with ``bound`` mean /
+p90 / p95 (which reads ``total_ms`` / ``total_p90_ms`` / ``total_p95_ms``), and so is the
+search, unrolled: the interval [1, 4097) halves 12 times, each step one O(1) decode total, so
+a C++ controller gets the answer in one call with no loop over positions.
 """
 
 from __future__ import annotations
@@ -38,38 +42,39 @@ assert (SEARCH_STEPS, MAX_TOKENS) == (12, 4096), "update the literals in BudgetP
 
 
 class BudgetPredictor(torch.nn.Module):
-    """``forward(features [B,5], budget_ms [B])`` -> max output tokens per prefill bound."""
+    """``forward(features [B,5], budget_ms [B])`` -> max output tokens per total bound."""
 
     def __init__(self, predictor: FusedPredictor) -> None:
         super().__init__()
         self.predictor = predictor
 
     def forward(self, features: Tensor, budget_ms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        first, index = self.predictor.first_layer(features)
+        first, weighted = self.predictor.front(features)
         rows = features.shape[0]
-        # The three bounds searched together as one batch of 3B rows.
-        prefill = torch.cat(
-            [
-                self.predictor.table_mean.index_select(0, index),
-                self.predictor.table_p90.index_select(0, index),
-                self.predictor.table_p95.index_select(0, index),
-            ]
-        )
-        # The decode coefficients depend on the configuration only: computed once, and each
-        # bisection step costs one closed-form total.
-        coef = self.predictor.decode.coefficients(first, features)
-        coef = torch.cat([coef, coef, coef])
-        budget = torch.cat([budget_ms, budget_ms, budget_ms])
+        # The three bounds searched together as one batch of 3B rows: the same prefill and
+        # decode coefficients (they depend on the configuration only, computed once; each
+        # bisection step costs one closed-form total). Bound: max((P + D(N)) g, P f) with
+        # (g, f) = (1, 0) for the mean, the calibrated factors for p90 and p95.
+        prefill = self.predictor.prefill(weighted).repeat(3)
+        coef = self.predictor.decode.coefficients(first, features).repeat(3, 1)
+        budget = budget_ms.repeat(3)
+        ones = torch.ones_like(budget_ms).unsqueeze(0)
+        factor = (self.predictor.total_factors.unsqueeze(1) * ones).reshape(-1)
+        # The floor P f does not depend on N: it fits or not for the whole search.
+        floor_fits = prefill * (self.predictor.floor_factors.unsqueeze(1) * ones).reshape(-1)
+        floor_fits = floor_fits <= budget
         low = torch.ones_like(budget)  # N = 1 (prefill alone): feasible where it fits
         # TorchScript cannot read module globals: 4097 = MAX_TOKENS + 1, 12 = SEARCH_STEPS.
         high = torch.full_like(budget, 4097.0)  # never feasible
         for _ in range(12):
             middle = torch.floor((low + high) * 0.5)
             decode_total, _ = self.predictor.decode.totals(coef, middle)
-            fits = prefill + decode_total <= budget
+            fits = (prefill + decode_total) * factor <= budget
             low = torch.where(fits, middle, low)
             high = torch.where(fits, high, middle)
-        answer = torch.where(prefill <= budget, low, torch.zeros_like(low))
+        # At N = 1 there is no decode pass: the total is the prefill.
+        fits_at_one = (prefill * factor <= budget) & floor_fits
+        answer = torch.where(fits_at_one, low, torch.zeros_like(low))
         return answer[:rows], answer[rows : 2 * rows], answer[2 * rows :]
 
 
@@ -95,11 +100,14 @@ def reference_answers(model: Any, features: np.ndarray, budget_ms: np.ndarray) -
 
 
 def probe_budgets(model: Any, features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Budgets around each row's own scale: from below its prefill to room for long answers."""
+    """Budgets around each row's own scale: from below its prefill to room for long answers
+    (past the p95 total of 64 tokens where that is finite)."""
     out = model.predict(features, np.full(len(features), 64, dtype=np.float32))
     rng = np.random.default_rng(seed)
     low = 0.5 * np.asarray(out["prefill_ms"])
-    high = np.asarray(out["prefill_p95_ms"]) + 4.0 * np.asarray(out["decode_total_ms"]) + 1.0
+    bound = np.asarray(out["total_p95_ms"], dtype=np.float64)
+    top = np.where(np.isfinite(bound), bound, np.asarray(out["total_ms"]))
+    high = top + 4.0 * np.asarray(out["decode_total_ms"]) + 1.0
     return (low + rng.random(len(features)) * (high - low)).astype(np.float32)
 
 

@@ -1,11 +1,12 @@
 """Export a trained ``HybridLatencyModel`` as ONE predictor file per format, and prove it.
 
-``export_checkpoint`` loads an artifact directory, compiles the prefill boosters into an
-exact lookup table (:mod:`exporters.tree_table`), fuses it with the decode network
-(:mod:`exporters.fused`), writes ``latency_predictor.onnx`` and/or ``latency_predictor.ts``
-atomically, reloads what it wrote and compares it with the Python model on the checkpoint's
-stored training data and on rows placed exactly on (and one float32 step around) every
-split threshold. A file that disagrees is not left behind.
+``export_checkpoint`` loads an artifact directory, compiles the prefill booster's residual
+factor into an exact lookup table (:mod:`exporters.tree_table`), fuses it with the physics
+baseline, the calibrated bounds and the decode network (:mod:`exporters.fused`), writes
+``latency_predictor.onnx`` and/or ``latency_predictor.ts`` atomically, reloads what it wrote
+and compares every output with the Python model on the checkpoint's stored training data and
+on rows placed exactly on (and one float32 step around) every split threshold. A file that
+disagrees is not left behind.
 """
 
 from __future__ import annotations
@@ -35,22 +36,30 @@ from exporters.budget import (
     run_budget_file,
 )
 from exporters.fused import (
+    FEATURE_LIMITS,
     INPUT_NAMES,
     FusedPredictor,
     GenericDecode,
+    OutputSpec,
     decode_agreement,
     fold_decode_net,
 )
 from exporters.tree_table import (
     DEFAULT_MAX_CELLS,
-    TABLE_COLUMNS,
+    TABLE_COLUMN,
     PrefillTable,
     compile_prefill_table,
 )
 from toolkit import __version__
 from toolkit.atomic import atomic_path, write_bytes_atomic
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, TIERS, default_vision_tokens
+from toolkit.features import (
+    FEATURE_MINIMUM,
+    FEATURE_NAMES,
+    OUTPUT_NAMES,
+    TIERS,
+    default_vision_tokens,
+)
 
 if TYPE_CHECKING:
     from toolkit.models.hybrid import HybridLatencyModel
@@ -63,7 +72,8 @@ TORCHSCRIPT_FILE = "latency_predictor.ts"
 METADATA_KEY = "latkit_metadata.json"
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 DEFAULT_OPSET = 18
-#: Parity tolerance: |exported - python| <= ATOL + RTOL * |python| for every output.
+#: Parity tolerance: |exported - python| <= ATOL + RTOL * |python| for every output
+#: (an infinite bound must be the same infinity).
 RTOL = 1e-3
 ATOL = 1e-3
 # Outputs compared against HybridLatencyModel.predict (its keys are the output names).
@@ -80,6 +90,8 @@ class ParityReport:
     max_rel: float
     worst_output: str
     ok: bool
+    #: Largest relative difference of each output.
+    per_output: dict[str, float] = field(default_factory=dict)
 
     def line(self, label: str) -> str:
         status = "ok" if self.ok else "FAILED"
@@ -106,18 +118,24 @@ class ExportResult:
 
 
 def table_from_model(model: HybridLatencyModel, max_cells: int = DEFAULT_MAX_CELLS) -> PrefillTable:
-    """Compile the model's prefill heads, filled by ``model.predict`` itself.
+    """Compile the prefill booster's residual factor, filled by the model's own
+    ``prefill.residual_factor`` (so base score and transform are the model's)."""
+    prefill = model.prefill
+    return compile_prefill_table(
+        [prefill.booster], prefill.residual_factor, len(FEATURE_NAMES), max_cells
+    )
 
-    Filling through the hybrid model's own ``predict`` (not the boosters) carries whatever it
-    does to prefill (target transform, quantile sort, a recalibration) into the table.
-    """
 
-    def predict(points: np.ndarray) -> np.ndarray:
-        out = model.predict(points, np.zeros(len(points), dtype=np.float32))
-        return np.stack([np.asarray(out[name], dtype=np.float32) for name in TABLE_COLUMNS], axis=1)
-
-    boosters = [model.prefill.booster, model.prefill.quantile_booster]
-    return compile_prefill_table(boosters, predict, len(FEATURE_NAMES), max_cells)
+def output_spec(model: HybridLatencyModel) -> OutputSpec:
+    """Baseline, prefill recalibration and bound factors of ``model`` for the graph."""
+    calibration, bounds = model.calibration, model.bounds
+    return OutputSpec(
+        form=model.prefill.baseline.product_form(),
+        prefill_scale=float(calibration.prefill_scale),
+        prefill_offset_ms=float(calibration.prefill_offset_ms),
+        prefill_bounds={k: float(v) for k, v in bounds.prefill.items()},
+        total_bounds={k: float(v) for k, v in bounds.total.items()},
+    )
 
 
 def build_predictor(
@@ -128,21 +146,23 @@ def build_predictor(
 ) -> tuple[FusedPredictor, PrefillTable, str]:
     """(fused module, compiled table, decode form "folded" or "generic").
 
-    The folded form (shared first layer, ~18 ONNX nodes) is used when it reproduces the
-    generic one within 1e-5 relative on ``probe_features``; a recalibration adds
-    "+calibrated" (prefill calibration is already in the table, filled through
-    ``model.predict``; the decode one is folded into the closed form).
+    The folded form (shared first layer, 18 ONNX nodes after ONNX Runtime's fusions) is used
+    when it reproduces the generic one within 1e-5 relative on ``probe_features``; a
+    recalibration adds "+calibrated" (the prefill map and the bounds are in the output
+    Gemm; the decode one is folded into the closed form).
     """
     table = table_from_model(model, max_cells)
+    spec = output_spec(model)
     if probe_features is None or len(probe_features) == 0:
         probe_features = _default_probe_features()
     scale, offset = decode_calibration(model)
-    suffix = "" if (scale, offset) == (1.0, 0.0) else "+calibrated"
-    generic = FusedPredictor(table, GenericDecode(model.decode_net, scale, offset)).eval()
+    prefill_map = (spec.prefill_scale, spec.prefill_offset_ms)
+    suffix = "" if (scale, offset, *prefill_map) == (1.0, 0.0, 1.0, 0.0) else "+calibrated"
+    generic = FusedPredictor(table, GenericDecode(model.decode_net, scale, offset), spec).eval()
     predictor, form = generic, "generic"
     pair = fold_decode_net(model.decode_net, scale, offset) if fold else None
     if pair is not None:
-        folded = FusedPredictor(table, pair).eval()
+        folded = FusedPredictor(table, pair, spec).eval()
         worst = decode_agreement(folded, generic, probe_features[:512])
         if worst <= 1e-5:
             predictor, form = folded, "folded"
@@ -155,13 +175,8 @@ def build_predictor(
 
 def decode_calibration(model: HybridLatencyModel) -> tuple[float, float]:
     """(decode pass scale, offset ms) of a recalibrated model; (1, 0) for none."""
-    calibration = getattr(model, "calibration", None)
-    if calibration is None:
-        return 1.0, 0.0
-    return (
-        float(getattr(calibration, "decode_pass_scale", 1.0)),
-        float(getattr(calibration, "decode_pass_offset_ms", 0.0)),
-    )
+    calibration = model.calibration
+    return float(calibration.decode_pass_scale), float(calibration.decode_pass_offset_ms)
 
 
 def _default_probe_features() -> np.ndarray:
@@ -185,9 +200,10 @@ def predictor_metadata(
     """What a runtime must know: order of features, outputs, training ranges, versions."""
     manifest = dict(getattr(model, "manifest", {}) or {})
     summary = dict(manifest.get("training_summary", {}) or {})
+    bounds = model.bounds
     return {
         "format": "latkit-predictor",
-        "format_version": 2,
+        "format_version": 3,
         "latkit_version": __version__,
         "torch_version": torch.__version__,
         "feature_names": list(FEATURE_NAMES),
@@ -198,10 +214,18 @@ def predictor_metadata(
         "output_names": list(OUTPUT_NAMES),
         "target_transform": manifest.get("target_transform"),
         "decode_form": decode_form,
+        # Above these feature values the graph's baseline factors would clip: refuse them.
+        "feature_limits": dict(zip(FEATURE_NAMES, FEATURE_LIMITS, strict=True)),
+        # Multipliers of prefill_ms / total_ms per bound level (null: unbounded, +inf).
+        "bound_factors": {
+            "prefill": {k: _json_factor(v) for k, v in bounds.prefill.items()},
+            "total": {k: _json_factor(v) for k, v in bounds.total.items()},
+        },
         # The threshold test and row index are exact float32 matmuls; TF32 breaks them.
         "cuda_provider_options": {"use_tf32": "0"},
         "calibration": _calibration_dict(model),
         "prefill_table": {
+            "column": TABLE_COLUMN,
             "n_cells": table.n_cells,
             "thresholds_per_feature": {
                 name: len(t) for name, t in zip(FEATURE_NAMES, table.thresholds, strict=True)
@@ -214,6 +238,10 @@ def predictor_metadata(
             if key in manifest
         },
     }
+
+
+def _json_factor(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _calibration_dict(model: HybridLatencyModel) -> dict[str, Any] | None:
@@ -329,6 +357,12 @@ def _translations() -> dict[Any, Any]:
 
     hardtanh(x, 0, 1): HardSigmoid(alpha=1, beta=0) computes exactly max(0, min(1, x)), and
     ONNX Runtime fuses it into the preceding Gemm (it does not fuse Clip, the default).
+
+    unbind(x, 0) of a [n, B] tensor: Reshape to [n B] + one Split with ``num_outputs=n`` gives
+    the n rows as [B] tensors (the default is n Slice + n Squeeze nodes).
+
+    table[index] with one integer index tensor: one Gather (the default adds an Unsqueeze
+    and uses GatherND).
     """
     from onnxscript import opset18 as op
 
@@ -342,7 +376,25 @@ def _translations() -> dict[Any, Any]:
             raise NotImplementedError("only hardtanh(x, 0, 1) is translated")
         return op.HardSigmoid(self, alpha=1.0, beta=0.0)
 
-    return {torch.ops.aten.softplus.default: softplus, torch.ops.aten.hardtanh.default: hardtanh}
+    def unbind(self: Any, dim: int = 0) -> Any:
+        rows = self.shape[dim] if self.shape is not None else None
+        if dim != 0 or not isinstance(rows, int) or len(self.shape) != 2:
+            raise NotImplementedError("only unbind(x, 0) of a 2-D x with a static n is translated")
+        flat_shape: Any = op.Constant(value_ints=[-1])
+        flat = op.Reshape(self, flat_shape)
+        return list(op.Split(flat, axis=0, num_outputs=rows))
+
+    def index(self: Any, indices: Sequence[Any]) -> Any:
+        if len(indices) != 1 or indices[0] is None:
+            raise NotImplementedError("only table[index] with one index tensor is translated")
+        return op.Gather(self, indices[0], axis=0)
+
+    return {
+        torch.ops.aten.softplus.default: softplus,
+        torch.ops.aten.hardtanh.default: hardtanh,
+        torch.ops.aten.unbind.int: unbind,
+        torch.ops.aten.index.Tensor: index,
+    }
 
 
 def _fold(model: Any) -> Any:
@@ -492,41 +544,72 @@ def run_torchscript(
     return {name: out.numpy() for name, out in zip(OUTPUT_NAMES, outputs, strict=True)}
 
 
+def output_differences(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|got - want|, relative difference) per element, float64; equal infinities (and NaN
+    against NaN) differ by 0, an infinity against anything else by inf."""
+    a = np.asarray(got, dtype=np.float64)
+    b = np.asarray(want, dtype=np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - b))
+    diff[np.isnan(diff)] = np.inf  # NaN against a number
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / np.maximum(np.abs(b), 1e-12))
+    rel[np.isnan(rel)] = np.inf  # inf against inf of the other sign
+    return diff, rel
+
+
 def compare_outputs(
     fmt: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
 ) -> ParityReport:
     max_abs, max_rel, worst, ok, n = 0.0, 0.0, OUTPUT_NAMES[0], True, 0
+    per_output: dict[str, float] = {}
     for name in _PARITY_OUTPUTS:
-        a = np.asarray(got[name], dtype=np.float64)
         b = np.asarray(want[name], dtype=np.float64)
+        a = np.asarray(got[name], dtype=np.float64)
         n = len(b)
         if a.shape != b.shape:
             raise LatkitError(f"{fmt} output {name} has shape {a.shape}, expected {b.shape}")
-        diff = np.abs(a - b)
-        if diff.size == 0:
+        if b.size == 0:
             continue
-        rel = diff / np.maximum(np.abs(b), 1e-12)
-        rel[diff == 0] = 0.0
-        ok &= bool(np.all(diff <= ATOL + RTOL * np.abs(b)))
+        diff, rel = output_differences(a, b)
+        finite_b = np.where(np.isfinite(b), np.abs(b), 0.0)
+        ok &= bool(np.all(diff <= ATOL + RTOL * finite_b))
         if diff.max() > max_abs:
             max_abs, worst = float(diff.max()), name
-        max_rel = max(max_rel, float(rel.max()))
-    return ParityReport(fmt, n, max_abs, max_rel, worst, ok)
+        per_output[name] = float(rel.max())
+        max_rel = max(max_rel, per_output[name])
+    return ParityReport(fmt, n, max_abs, max_rel, worst, ok, per_output)
 
 
 def threshold_probe_rows(table: PrefillTable, base: np.ndarray) -> np.ndarray:
-    """Rows of ``base`` with one feature set exactly on each threshold and one ulp around it."""
+    """Rows of ``base`` with one feature set exactly on each threshold and one ulp around it.
+
+    Only possible inputs (the model refuses the others): no value below a feature's minimum,
+    and the tier takes each of its values 0, 1, 2 instead (which covers both sides of any
+    tier threshold).
+    """
     rows = []
+    tier = FEATURE_NAMES.index("tier_idx")
     for f, thresholds in enumerate(table.thresholds):
-        for t in thresholds:
-            for value in (
-                np.nextafter(t, np.float32(-np.inf), dtype=np.float32),
-                t,
-                np.nextafter(t, np.float32(np.inf), dtype=np.float32),
-            ):
-                row = base.copy()
-                row[f] = value
-                rows.append(row)
+        if f == tier:
+            values = [np.float32(i) for i in range(len(TIERS))] if len(thresholds) else []
+        else:
+            lowest = np.float32(FEATURE_MINIMUM[FEATURE_NAMES[f]])
+            values = [
+                v
+                for t in thresholds
+                for v in (
+                    np.nextafter(t, np.float32(-np.inf), dtype=np.float32),
+                    t,
+                    np.nextafter(t, np.float32(np.inf), dtype=np.float32),
+                )
+                if v >= lowest
+            ]
+        for value in values:
+            row = base.copy()
+            row[f] = value
+            rows.append(row)
     if not rows:
         return base.reshape(1, -1).astype(np.float32)
     return np.asarray(rows, dtype=np.float32)

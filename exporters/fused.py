@@ -1,30 +1,48 @@
-"""The fused predictor: prefill lookup table + decode network, one torch module.
+"""The fused predictor: physics baseline x tree table + decode network, one torch module.
 
-This module is what gets scripted to TorchScript and exported to ONNX. Its graph holds
-only ordinary ops (Gemm, Sign, MatMul, Cast, Gather, Pow and a few elementwise ops), so
-ONNX Runtime's CUDA provider and libtorch run it as well as the CPU.
+This module is what gets scripted to TorchScript and exported to ONNX. Its graph holds only
+ordinary ops (Gemm, MatMul, Cast, Gather, ReduceProd, Pow, Concat, Split and a few
+elementwise ops), so ONNX Runtime's CUDA provider and libtorch run it as well as the CPU.
 
-A batch-1 query costs ONNX Runtime about 0.4 µs per graph node on this project's CPUs,
-whatever the node computes, so the graph is laid out for few nodes (18 after ONNX
-Runtime's own Gemm + activation fusion, for the default one-layer network):
+A batch-1 query costs ONNX Runtime about 0.35-0.4 µs per graph node on this project's CPUs,
+whatever the node computes, so the graph is laid out for few nodes (18 after ONNX Runtime's
+own Gemm + activation and Gemm + Transpose fusions, for the default one-layer network, with
+all nine outputs):
 
 - one Gemm + clip-to-[0, 1] (ONNX ``HardSigmoid`` with alpha 1, beta 0, which ONNX Runtime
-  fuses into the Gemm) serves both models. Its first columns are
-  ``clip(a_t * (x_f - prev(t)), 0, 1)`` for every split threshold t of feature f, with
-  ``prev(t)`` the float32 just below t and ``a_t`` a power of two no smaller than
-  1 / (t - prev(t)): exactly 1 where ``x_f >= t`` (XGBoost's "not left" test on float32
-  values) and exactly 0 elsewhere. The other columns are the decode network's first
-  layer, standardisation folded in and scaled by 2**-40 so that the clip never binds
-  (``clip(2**-40 z, 0, 1) = 2**-40 relu(z)`` bit for bit; the next layer's weights carry
-  2**40): the network is still the trained ReLU network;
-- one MatMul with the strides (zero on the network's columns) gives the table row,
-  exact in float32 (integers below 2**24); Gathers read the four prefill tables;
-- the closed-form totals: ``relu(N * s - s)`` gives ``s_j * m`` (m = N - 1 passes) per
-  basis power, one ``Pow`` gives ``(s_j m)^(j+1)`` = coefficient scale x basis prefix
-  sum, and ``(coef * powers).sum`` is the decode total.
+  fuses into the Gemm) computes, side by side:
+
+  * ``clip(a_t * (x_f - prev(t)), 0, 1)`` for every split threshold t of feature f, with
+    ``prev(t)`` the float32 just below t and ``a_t`` a power of two no smaller than
+    1 / (t - prev(t)): exactly 1 where ``x_f >= t`` (XGBoost's "not left" test on float32
+    values) and exactly 0 elsewhere;
+  * the nine linear factors of the physics baseline (``PhysicsBaseline.product_form``: a
+    sum of three products of three linear forms), each scaled by a power of two so that it
+    stays below 1 (the clip never binds) for every input up to ``FEATURE_LIMITS``;
+  * the decode network's first layer, standardisation folded in and scaled by 2**-40 so
+    that the clip never binds (``clip(2**-40 z, 0, 1) = 2**-40 relu(z)`` bit for bit; the
+    next layer's weights carry 2**40).
+
+  The columns are laid out so that a Reshape to [B, 3, G] puts the three factors of each
+  baseline product on one axis: one ReduceProd yields the three products (and G - 3 junk
+  products of other columns, finite numbers in [0, 1] that nothing reads);
+- one MatMul with the strides gives the table row, exact in float32 (integers below 2**24);
+  a Cast and a Gather read the residual factor, one Mul applies it to the products;
+- the decode network's head (Gemm + Softplus) and the closed-form totals: ``relu(N * s - s)``
+  gives ``s_j * m`` (m = N - 1 passes) per basis power, one ``Pow`` gives ``(s_j m)^(j+1)`` =
+  coefficient scale x basis prefix sum, one Mul the terms ``coef_j (s_j m)^(j+1)``. A fourth
+  token column ``relu(N - 2)`` makes the per-token denominator ``max(m, 1) = relu(N - 2) + 1``;
+- ONE output Gemm maps the concatenated products and decode terms to every output at once
+  (transposed: [18, B]): the calibration scale, the powers of two of the factor scaling and
+  every bound factor are in its weights, the calibration offsets in its bias. Its second
+  half holds what each output must be at least (a total bound is ``max(total_ms x g,
+  prefill_pXX_ms)``, ``toolkit.models.bounds``; -inf for the others): a Reshape to [2, 9B]
+  and one ReduceMax take the max of the halves, one Split (``num_outputs=9``) hands out the
+  rows, and one Div makes the per-token mean. A bound level with an infinite factor (too few
+  calibration samples) is the constant +inf: weight 0, bias +inf.
 
 ONNX Runtime's MatMul with a 1-D right operand is several times slower than with an
-[N, 1] matrix (1.3 µs more at batch 1, 12x at batch 4096), hence ``[N, 1]`` + reshape.
+[N, 1] matrix (1.3 µs more at batch 1, 12x at batch 4096), hence ``[N, 1]``.
 
 TF32: on a GPU that rounds float32 matmul inputs to TF32 (ONNX Runtime's CUDA provider
 does unless ``use_tf32=0``), the threshold Gemm and the row MatMul are not exact. The
@@ -38,7 +56,8 @@ must do the same (the file's metadata says so).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +66,7 @@ from torch import Tensor
 
 from exporters.tree_table import PrefillTable
 from toolkit.errors import LatkitError
+from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES
 from toolkit.models.decode import K0, N_BASIS, decode_outputs
 
 log = logging.getLogger(__name__)
@@ -56,8 +76,21 @@ INPUT_NAMES: tuple[str, ...] = ("features", "output_tokens")
 MAX_EXACT_CELLS = 1 << 24
 #: Scale of the decode network's first-layer columns in the shared Gemm (see the module doc).
 HIDDEN_SCALE = 2.0**-40
+#: Largest feature values (``FEATURE_NAMES`` order) for which the graph's baseline factors stay
+#: below the clip at 1, i.e. the graph computes the model exactly: token counts up to 2**24
+#: (where float32 stops counting exactly), top_k and blocks up to 2**16. The runtime refuses
+#: larger inputs.
+FEATURE_LIMITS: tuple[float, ...] = (2.0**24, 2.0**24, 2.0, 2.0**16, 2.0**16)
+#: Rows of the output Gemm: ``OUTPUT_NAMES`` with the per-token mean replaced by its
+#: denominator ``max(N - 1, 1)`` (the graph divides the decode total by it).
+GEMM_ROWS: tuple[str, ...] = tuple(
+    "per_token_denominator" if name == "decode_per_token_ms" else name for name in OUTPUT_NAMES
+)
 # |prev(t)| below this has no power-of-two threshold scale in float32 (see threshold_columns).
 _TINY_THRESHOLD = 2.0**-100
+# Factors of one baseline product, and products (see PhysicsBaseline.product_form).
+_FACTORS = 3
+_PRODUCTS = 3
 
 
 class GenericDecode(torch.nn.Module):
@@ -86,20 +119,32 @@ class GenericDecode(torch.nn.Module):
         # 0 passes: total is exactly 0, so per-token is 0 without a select.
         return total, total / torch.clamp(passes, min=1.0)
 
+    def columns(self, first: Tensor, features: Tensor, output_tokens: Tensor) -> list[Tensor]:
+        """Inputs of the output Gemm: the decode total and ``relu(N - 2)``, [B, 1] each."""
+        total, _ = self.totals(self.coefficients(first, features), output_tokens)
+        return [total.unsqueeze(1), torch.relu(output_tokens - 2.0).unsqueeze(1)]
+
+    @torch.jit.unused
+    def column_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(decode total, denominator - 1) as weights of :meth:`columns`."""
+        return np.array([1.0, 0.0]), np.array([0.0, 1.0])
+
 
 class FoldedDecode(torch.nn.Module):
     """The same function as :class:`GenericDecode`, folded for few graph nodes.
 
     ``coefficients`` takes the first layer's activations (computed by the caller, which
-    shares that Gemm with the prefill thresholds and scales them by ``2**-40``) and returns
-    the ``N_BASIS`` softplus outputs. ``totals`` evaluates ``sum_j coef_j (s_j m)^(j+1)``
-    (+ ``b m`` when recalibrated).
+    shares that Gemm with the prefill columns and scales them by ``2**-40``) and returns
+    ``N_BASIS + 1`` softplus outputs: the coefficients and one unused column (the head's
+    last row is zero) that pairs with the token column ``relu(N - 2)``. ``totals``
+    evaluates ``sum_j coef_j (s_j m)^(j+1)`` (+ ``b m`` when recalibrated).
     """
 
     if TYPE_CHECKING:  # buffers, declared for mypy only (TorchScript rejects the annotations)
         token_weight: Tensor
         token_bias: Tensor
         exponents: Tensor
+        basis_mask: Tensor
         offset: Tensor
 
     def __init__(
@@ -109,24 +154,40 @@ class FoldedDecode(torch.nn.Module):
         powers_scale: Tensor,
         offset_ms: float = 0.0,
     ) -> None:
+        """``head`` has ``N_BASIS + 1`` outputs (the last unused); ``powers_scale`` [N_BASIS]."""
         super().__init__()
+        if head.out_features != N_BASIS + 1 or powers_scale.shape != (N_BASIS,):
+            raise ValueError("FoldedDecode needs a head of N_BASIS + 1 outputs")
         self.layers = torch.nn.ModuleList(layers)
         self.head = head
-        self.register_buffer("token_weight", powers_scale.reshape(1, -1).clone())  # [1, K]
-        self.register_buffer("token_bias", -powers_scale.clone())  # [K]
-        self.register_buffer("exponents", torch.arange(1, N_BASIS + 1, dtype=torch.float32))
+        scale = powers_scale.to(torch.float32)
+        # Columns: s_j (N - 1) for the basis powers, then N - 2 (the denominator column).
+        weight = torch.cat([scale, torch.ones(1)])
+        bias = torch.cat([-scale, torch.full((1,), -2.0)])
+        self.register_buffer("token_weight", weight.reshape(1, -1).clone())  # [1, K + 1]
+        self.register_buffer("token_bias", bias.clone())  # [K + 1]
+        exponents = torch.cat([torch.arange(1, N_BASIS + 1, dtype=torch.float32), torch.ones(1)])
+        self.register_buffer("exponents", exponents)
+        mask = torch.cat([torch.ones(N_BASIS), torch.zeros(1)])
+        self.register_buffer("basis_mask", mask)
         self.register_buffer("offset", torch.tensor(float(offset_ms), dtype=torch.float32))
         self.has_offset = offset_ms != 0.0
 
     @torch.jit.unused
-    def reading_after(self, skip: int, input_scale: float) -> FoldedDecode:
-        """A copy whose first layer reads ``skip`` leading columns (the thresholds) with
-        weight 0 and the rest scaled by ``input_scale`` (a power of two: exact)."""
+    def powers_scale(self) -> Tensor:
+        """``s_j`` [N_BASIS] of the basis powers ``(s_j m)^(j+1)``."""
+        return self.token_weight.reshape(-1)[:N_BASIS]
+
+    @torch.jit.unused
+    def reading(self, slots: np.ndarray, width: int, input_scale: float) -> FoldedDecode:
+        """A copy whose first layer reads the ``width`` columns of the shared Gemm: its inputs
+        at column ``slots[i]``, scaled by ``input_scale`` (a power of two: exact), weight 0
+        on every other column."""
         readers = [*self.layers, self.head]  # the first one reads the shared Gemm
-        copies = [_copy_linear(readers[0], skip, input_scale)]
+        copies = [_copy_linear(readers[0], slots, width, input_scale)]
         copies += [_copy_linear(layer) for layer in readers[1:]]
         copy = FoldedDecode(
-            copies[:-1], copies[-1], self.token_weight.reshape(-1), float(self.offset)
+            copies[:-1], copies[-1], self.powers_scale().clone(), float(self.offset)
         )
         return copy.eval()
 
@@ -136,16 +197,38 @@ class FoldedDecode(torch.nn.Module):
             h = torch.relu(layer(h))
         return torch.nn.functional.softplus(self.head(h))
 
-    def totals(self, coef: Tensor, output_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def powers(self, output_tokens: Tensor) -> Tensor:
+        """``[(s_j m)^(j+1) for j < N_BASIS] + [relu(N - 2)]``, [B, N_BASIS + 1]."""
         scaled = torch.relu(
             torch.addmm(self.token_bias, output_tokens.unsqueeze(1), self.token_weight)
         )
-        total = (coef * torch.pow(scaled, self.exponents)).sum(1)
+        return torch.pow(scaled, self.exponents)
+
+    def totals(self, coef: Tensor, output_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        total = (coef * self.powers(output_tokens) * self.basis_mask).sum(1)
         passes = output_tokens - 1.0
         if self.has_offset:
             total = total + torch.relu(passes) * self.offset
         # 0 passes: total is exactly 0 ((s * 0)^j = 0), so per-token is 0 without a select.
         return total, total / torch.clamp(passes, min=1.0)
+
+    def columns(self, first: Tensor, features: Tensor, output_tokens: Tensor) -> list[Tensor]:
+        """Inputs of the output Gemm: ``coef * powers`` and ``powers``, [B, N_BASIS + 1] each."""
+        powers = self.powers(output_tokens)
+        return [self.coefficients(first, features) * powers, powers]
+
+    @torch.jit.unused
+    def column_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(decode total, denominator - 1) as weights of :meth:`columns`: the basis terms
+        (+ the recalibration offset ``b m`` read from ``s_0 m``), and ``relu(N - 2)``."""
+        width = N_BASIS + 1
+        decode = np.zeros(2 * width)
+        decode[:N_BASIS] = 1.0
+        if self.has_offset:
+            decode[width] = float(self.offset) / float(self.powers_scale()[0])
+        denominator = np.zeros(2 * width)
+        denominator[2 * width - 1] = 1.0
+        return decode, denominator
 
 
 @dataclass(frozen=True)
@@ -200,7 +283,7 @@ def fold_decode_net(
     s = (scale * coef_scale * K0) ** (1.0 / powers) / K0
     decode = FoldedDecode(
         [_copy_linear(layer) for layer in linears[1:]],
-        _copy_linear(head),
+        _copy_linear(head, extra_outputs=1),
         s.to(torch.float32),
         offset_ms,
     )
@@ -215,17 +298,26 @@ def _buffer(module: torch.nn.Module, name: str) -> Tensor:
 
 
 def _copy_linear(
-    layer: torch.nn.Module, skip: int = 0, input_scale: float = 1.0
+    layer: torch.nn.Module,
+    slots: np.ndarray | None = None,
+    width: int | None = None,
+    input_scale: float = 1.0,
+    extra_outputs: int = 0,
 ) -> torch.nn.Linear:
-    """A copy of ``layer`` that reads ``skip`` extra leading input columns with weight 0 and
-    expects its inputs multiplied by ``input_scale``."""
+    """A copy of ``layer`` that reads input i from column ``slots[i]`` of ``width`` columns
+    (weight 0 on the others), expects its inputs multiplied by ``input_scale``, and has
+    ``extra_outputs`` more outputs with weight and bias 0."""
     if not isinstance(layer, torch.nn.Linear):
         raise TypeError(f"expected a Linear layer, got {type(layer).__name__}")
-    out = torch.nn.Linear(layer.in_features + skip, layer.out_features)
+    if slots is None:
+        slots = np.arange(layer.in_features)
+    columns = torch.from_numpy(np.asarray(slots, dtype=np.int64))
+    out = torch.nn.Linear(width or layer.in_features, layer.out_features + extra_outputs)
     with torch.no_grad():
         out.weight.zero_()
-        out.weight[:, skip:].copy_(layer.weight / input_scale)
-        out.bias.copy_(layer.bias)
+        out.bias.zero_()
+        out.weight[: layer.out_features, columns] = layer.weight / input_scale
+        out.bias[: layer.out_features] = layer.bias
     return out
 
 
@@ -267,8 +359,164 @@ def threshold_columns(table: PrefillTable) -> tuple[np.ndarray, np.ndarray, np.n
     return weight, bias, strides
 
 
+def baseline_columns(
+    form: np.ndarray, limits: tuple[float, ...] = FEATURE_LIMITS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nine linear factors of ``PhysicsBaseline.product_form()`` as first-layer columns.
+
+    Returns ``weight`` [F, 3, 3] and ``bias`` [3, 3] (factor, product), each factor scaled
+    by ``2**-e`` with ``e >= 0`` the smallest integer that keeps it <= 1 for every input in
+    ``[0, limits]``, and ``compensation`` [3]: ``2**(sum of the e of a product)``, what
+    each product must be multiplied by again (powers of two: the scaling changes no rounding).
+    The factors must be non-negative (``PhysicsBaseline`` weights are): the clip at 0 must
+    not bind either.
+    """
+    form = np.asarray(form, dtype=np.float64)
+    n_features = len(FEATURE_NAMES)
+    if form.shape != (n_features + 1, _FACTORS, _PRODUCTS) or not np.isfinite(form).all():
+        raise LatkitError(f"baseline product form must be finite [6, 3, 3], got {form.shape}")
+    if (form < 0).any():
+        raise LatkitError("baseline product form has a negative weight: factors must be >= 0")
+    a, c = form[:n_features], form[n_features]
+    limit = np.asarray(limits, dtype=np.float64)[:, None, None]
+    upper = c + (a * limit).sum(axis=0)  # [3, 3]: each factor's largest value
+    exponent = np.ceil(np.log2(np.maximum(upper, 1.0)))
+    compensation = np.exp2(exponent.sum(axis=0))
+    if compensation.max() > 2.0**100:  # times a bound factor, it must stay a float32
+        raise LatkitError("baseline weights too large for the exported graph's float32 scaling")
+    scale = np.exp2(-exponent)
+    return a * scale, c * scale, compensation
+
+
+@dataclass(frozen=True)
+class FirstLayer:
+    """The shared first Gemm (see the module doc): ``clip(x @ weight + bias, 0, 1)``.
+
+    Column ``i * groups + j`` (j < 3) holds factor i of baseline product j; the other
+    columns hold the threshold tests (read by ``strides``) and the decode network's hidden
+    units (at ``hidden_slots``), then zero padding.
+    """
+
+    weight: np.ndarray  # float32 [F, 3 * groups]
+    bias: np.ndarray  # float32 [3 * groups]
+    strides: np.ndarray  # float32 [3 * groups]
+    groups: int
+    compensation: np.ndarray  # float64 [3]: multiplier of each baseline product
+    hidden_slots: np.ndarray  # int64 [H]
+
+
+def first_layer(
+    table: PrefillTable, form: np.ndarray, hidden: torch.nn.Linear | None = None
+) -> FirstLayer:
+    """Lay out the threshold tests, baseline factors and (folded form) hidden units."""
+    t_weight, t_bias, t_strides = threshold_columns(table)
+    b_weight, b_bias, compensation = baseline_columns(form)
+    n_features = len(table.thresholds)
+    n_thresholds = t_weight.shape[1]
+    n_hidden = hidden.out_features if hidden is not None else 0
+    # G product slots per factor row: the 3 baseline products, then room for the rest.
+    groups = math.ceil((n_thresholds + n_hidden) / _FACTORS) + _PRODUCTS
+    width = _FACTORS * groups
+    weight = np.zeros((n_features, width), dtype=np.float32)
+    bias = np.zeros(width, dtype=np.float32)  # padding columns: clip(0) = 0
+    strides = np.zeros(width, dtype=np.float32)
+    baseline_slots = [i * groups + j for i in range(_FACTORS) for j in range(_PRODUCTS)]
+    for i in range(_FACTORS):
+        for j in range(_PRODUCTS):
+            weight[:, i * groups + j] = b_weight[:, i, j]
+            bias[i * groups + j] = b_bias[i, j]
+    taken = set(baseline_slots)
+    free = np.array([c for c in range(width) if c not in taken], dtype=np.int64)
+    threshold_slots = free[:n_thresholds]
+    hidden_slots = free[n_thresholds : n_thresholds + n_hidden]
+    weight[:, threshold_slots] = t_weight
+    bias[threshold_slots] = t_bias
+    strides[threshold_slots] = t_strides
+    if hidden is not None:
+        w = hidden.weight.detach().to(torch.float64).T.numpy() * HIDDEN_SCALE
+        b = hidden.bias.detach().to(torch.float64).numpy() * HIDDEN_SCALE
+        weight[:, hidden_slots] = w
+        bias[hidden_slots] = b
+    return FirstLayer(weight, bias, strides, groups, compensation, hidden_slots)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How the outputs derive from baseline x residual factor and the decode terms.
+
+    ``prefill_ms = prefill_scale * baseline * residual + prefill_offset_ms``;
+    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``, ``total_pXX_ms = max(total_ms *
+    total_bounds[pXX], prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf:
+    that bound is +inf).
+    """
+
+    form: np.ndarray  # PhysicsBaseline.product_form(), float64 [F + 1, 3, 3]
+    prefill_scale: float = 1.0
+    prefill_offset_ms: float = 0.0
+    prefill_bounds: dict[str, float] = field(
+        default_factory=lambda: {"p50": 1.0, "p90": 1.0, "p95": 1.0}
+    )
+    total_bounds: dict[str, float] = field(default_factory=lambda: {"p90": 1.0, "p95": 1.0})
+
+    def __post_init__(self) -> None:
+        factors = [*self.prefill_bounds.values(), *self.total_bounds.values()]
+        if not all(f > 0 for f in factors) or any(math.isnan(f) for f in factors):
+            raise LatkitError(f"bound factors must be positive (or +inf), got {factors}")
+        if not (self.prefill_scale > 0 and math.isfinite(self.prefill_offset_ms)):
+            raise LatkitError("prefill calibration must have a positive scale, finite offset")
+
+
+def output_gemm(
+    layer: FirstLayer, spec: OutputSpec, decode_weights: np.ndarray, denominator: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [18, G + C], bias [18, 1]) of the output Gemm; its input is
+    ``[products x residual (G), decode columns (C)]``.
+
+    Rows 0-8 are the outputs in ``GEMM_ROWS`` order, the total bounds as ``total_ms x g``;
+    rows 9-17 what each must be at least: the prefill bound of the same level for a total
+    bound (``total_pXX = max(total_ms x g, prefill_pXX)``, ``toolkit.models.bounds``), -inf
+    (weight 0, bias -inf) for every other output. The graph takes the elementwise max of
+    the two halves.
+    """
+    groups, n_decode = layer.groups, len(decode_weights)
+    prefill_w = np.zeros(groups + n_decode)
+    prefill_w[:_PRODUCTS] = spec.prefill_scale * layer.compensation
+    decode_w = np.concatenate([np.zeros(groups), decode_weights])
+    total_w = prefill_w + decode_w
+    offset = spec.prefill_offset_ms
+    rows: dict[str, tuple[np.ndarray, float]] = {
+        "prefill_ms": (prefill_w, offset),
+        "decode_total_ms": (decode_w, 0.0),
+        "per_token_denominator": (np.concatenate([np.zeros(groups), denominator]), 1.0),
+        "total_ms": (total_w, offset),
+    }
+    for kind, base, factors in (
+        ("prefill", (prefill_w, offset), spec.prefill_bounds),
+        ("total", (total_w, offset), spec.total_bounds),
+    ):
+        for level, factor in factors.items():
+            if math.isinf(factor):  # unbounded level: the constant +inf
+                rows[f"{kind}_{level}_ms"] = (np.zeros_like(base[0]), math.inf)
+            else:
+                rows[f"{kind}_{level}_ms"] = (base[0] * factor, base[1] * factor)
+    floors: dict[str, tuple[np.ndarray, float]] = {
+        name: rows[f"prefill_{name[len('total_') :]}"]
+        if name.startswith("total_p")
+        else (np.zeros_like(prefill_w), -math.inf)
+        for name in GEMM_ROWS
+    }
+    weight = np.stack(
+        [rows[name][0] for name in GEMM_ROWS] + [floors[name][0] for name in GEMM_ROWS]
+    ).astype(np.float32)
+    bias = np.array(
+        [[rows[name][1]] for name in GEMM_ROWS] + [[floors[name][1]] for name in GEMM_ROWS],
+        dtype=np.float32,
+    )
+    return weight, bias
+
+
 class FusedPredictor(torch.nn.Module):
-    """``forward(features [B,5] float32, output_tokens [B] float32)`` -> 7 tensors [B].
+    """``forward(features [B,5] float32, output_tokens [B] float32)`` -> 9 tensors [B].
 
     Outputs in ``toolkit.features.OUTPUT_NAMES`` order. The decode total for any
     output_tokens is a closed form (O(1) per row), never a loop over positions.
@@ -278,70 +526,90 @@ class FusedPredictor(torch.nn.Module):
         first_weight: Tensor
         first_bias: Tensor
         strides: Tensor
-        table_mean: Tensor
-        table_p50: Tensor
-        table_p90: Tensor
-        table_p95: Tensor
+        table: Tensor
+        out_weight: Tensor
+        out_bias: Tensor
+        prefill_weight: Tensor
+        prefill_offset: Tensor
+        total_factors: Tensor
+        floor_factors: Tensor
         decode: GenericDecode | FoldedDecode
 
-    def __init__(self, table: PrefillTable, decode: GenericDecode | FoldedPair) -> None:
+    def __init__(
+        self, table: PrefillTable, decode: GenericDecode | FoldedPair, spec: OutputSpec
+    ) -> None:
         """``decode``: a :class:`GenericDecode`, or a :class:`FoldedPair` whose first layer
-        then shares the threshold Gemm."""
+        then shares the first Gemm."""
         super().__init__()
         if table.n_cells > MAX_EXACT_CELLS:
             raise LatkitError(
                 f"prefill table of {table.n_cells:,} cells is above the {MAX_EXACT_CELLS:,} "
                 "a float32 row index addresses exactly; retrain with a smaller max_bin"
             )
-        weight, bias, strides = threshold_columns(table)
-        n_thresholds = weight.shape[1]
-        first_weight = torch.from_numpy(weight)  # [F, N]
-        first_bias = torch.from_numpy(bias)
-        index_weight = torch.from_numpy(strides)
-        module = decode if isinstance(decode, GenericDecode) else decode.decode
-        if isinstance(decode, FoldedPair):
-            first = decode.first
-            hidden_weight = first.weight.detach().T * HIDDEN_SCALE
-            first_weight = torch.cat([first_weight, hidden_weight], dim=1)
-            first_bias = torch.cat([first_bias, first.bias.detach() * HIDDEN_SCALE])
-            index_weight = torch.cat([index_weight, torch.zeros(first.out_features)])
-            module = decode.decode.reading_after(n_thresholds, HIDDEN_SCALE)
-        self.register_buffer("first_weight", first_weight.contiguous())  # [F, N (+ H)]
-        self.register_buffer("first_bias", first_bias.contiguous())
-        # [N, 1], not [N]: see the module doc.
-        self.register_buffer("strides", index_weight.reshape(-1, 1).contiguous())
-        # One column per output: gathering each directly saves a [B, 4] intermediate.
-        columns = np.ascontiguousarray(table.table.T)
-        self.register_buffer("table_mean", torch.from_numpy(columns[0].copy()))
-        self.register_buffer("table_p50", torch.from_numpy(columns[1].copy()))
-        self.register_buffer("table_p90", torch.from_numpy(columns[2].copy()))
-        self.register_buffer("table_p95", torch.from_numpy(columns[3].copy()))
+        hidden = decode.first if isinstance(decode, FoldedPair) else None
+        layer = first_layer(table, spec.form, hidden)
+        module: GenericDecode | FoldedDecode = (
+            decode
+            if isinstance(decode, GenericDecode)
+            else decode.decode.reading(layer.hidden_slots, layer.weight.shape[1], HIDDEN_SCALE)
+        )
+        weight, bias = output_gemm(layer, spec, *module.column_weights())
+        self.groups = layer.groups
+        self.register_buffer("first_weight", torch.from_numpy(layer.weight))  # [F, 3G]
+        self.register_buffer("first_bias", torch.from_numpy(layer.bias))
+        # [3G, 1], not [3G]: see the module doc.
+        self.register_buffer("strides", torch.from_numpy(layer.strides.reshape(-1, 1).copy()))
+        self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table.table)))
+        self.register_buffer("out_weight", torch.from_numpy(weight))  # [18, G + C]
+        self.register_buffer("out_bias", torch.from_numpy(bias))  # [18, 1]
+        # For the budget graph: the prefill row alone; per searched bound (mean, p90, p95) the
+        # total's factor g and the prefill bound's factor f (total bound: max((P + D) g, P f);
+        # the mean's floor 0 never binds a budget >= 0).
+        self.register_buffer(
+            "prefill_weight", torch.from_numpy(weight[0, : layer.groups].reshape(-1, 1).copy())
+        )
+        self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
+        levels = ("p90", "p95")
+        total_factors = [1.0, *(spec.total_bounds[k] for k in levels)]
+        floor_factors = [0.0, *(spec.prefill_bounds[k] for k in levels)]
+        self.register_buffer("total_factors", torch.tensor(total_factors, dtype=torch.float32))
+        self.register_buffer("floor_factors", torch.tensor(floor_factors, dtype=torch.float32))
         self.decode = module
 
-    def first_layer(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(shared first-layer activations, table row int64 [B]) of ``features`` [B, F]."""
+    def front(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], baseline products x residual [B, G])."""
         # hardtanh(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
         first = torch.nn.functional.hardtanh(
             torch.addmm(self.first_bias, features, self.first_weight), 0.0, 1.0
         )
-        index = torch.matmul(first, self.strides).reshape(-1).to(torch.int64)
-        return first, index
+        index = torch.matmul(first, self.strides).to(torch.int64)  # [B, 1]
+        products = first.reshape(-1, 3, self.groups).prod(1)
+        return first, products * self.table[index]
+
+    def prefill(self, weighted: Tensor) -> Tensor:
+        """Calibrated prefill ms [B] of :meth:`front`'s products (the budget graph's)."""
+        return torch.matmul(weighted, self.prefill_weight).reshape(-1) + self.prefill_offset
 
     def forward(
         self, features: Tensor, output_tokens: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        first, index = self.first_layer(features)
-        prefill_ms = self.table_mean.index_select(0, index)
-        coef = self.decode.coefficients(first, features)
-        decode_total, per_token = self.decode.totals(coef, output_tokens)
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        first, weighted = self.front(features)
+        columns = self.decode.columns(first, features, output_tokens)
+        stacked = torch.cat([weighted] + columns, 1)  # noqa: RUF005 (TorchScript has no *list)
+        # [18, B] -> max of the two halves -> [9, B]: each output one contiguous row (the
+        # reshapes and unbind export as Reshape, ReduceMax, Reshape + one Split).
+        both = torch.addmm(self.out_bias, self.out_weight, stacked.t())
+        rows = both.reshape(2, -1).amax(0).reshape(9, -1).unbind(0)
         return (
-            prefill_ms,
-            decode_total,
-            per_token,
-            prefill_ms + decode_total,
-            self.table_p90.index_select(0, index),
-            self.table_p95.index_select(0, index),
-            self.table_p50.index_select(0, index),
+            rows[0],
+            rows[1],
+            rows[1] / rows[2],
+            rows[3],
+            rows[4],
+            rows[5],
+            rows[6],
+            rows[7],
+            rows[8],
         )
 
 

@@ -5,17 +5,29 @@
     predictor = LatencyPredictor("exported/latency_predictor.onnx")
     out = predictor.predict(vision_tokens=1008, text_tokens=120, tier="medium", top_k=8,
                             num_active_blocks=12, output_tokens=64)
-    out["total_ms"], out["prefill_p95_ms"], out["out_of_range"]
+    out["total_ms"], out["total_p95_ms"], out["out_of_range"]
+
+Outputs, by name (float32 [B] each): ``prefill_ms``, ``decode_total_ms``,
+``decode_per_token_ms``, ``total_ms``, the prefill bounds ``prefill_p90_ms``,
+``prefill_p95_ms``, ``prefill_p50_ms`` and the calibrated bounds of the total
+``total_p90_ms``, ``total_p95_ms`` (+inf where the model had too few calibration samples for
+a level), plus ``out_of_range`` (bool [B]).
 
 This file deliberately imports nothing from latkit (copy it next to a controller as is):
 feature order, tier names and training ranges come from the model's own metadata.
 
 Threads: a batch-1 query is fastest on one thread (no pool wake-up), so small batches run
 on a single-threaded CPU session. Batches of ``large_batch`` rows or more run on a second
-session with all cores, on the CUDA execution provider when one is usable. Inputs are
-validated (shape, dtype, NaN/inf -> ``InputError``); rows outside the training ranges are
-flagged in ``out["out_of_range"]`` and, by default, warned about: the trees cannot
-extrapolate, so such predictions are the value at the edge of the training data.
+session with all cores, on the CUDA execution provider when one is usable.
+
+Inputs are validated: wrong shapes, NaN/inf and impossible values (negative token counts,
+top_k or num_active_blocks below 1, a tier other than 0/1/2, values above the exported
+graph's limits) raise ``InputError`` naming the field. Rows beyond the supported range, the
+training range widened by ``EXTRAPOLATION_MARGIN`` of its width on each side (the tier:
+exactly the trained tiers; output tokens: above the widened longest answer), are flagged in
+``out["out_of_range"]`` and, by default, warned about: the physics baseline carries the
+prefill that far, past it a prediction is an extrapolation. ``toolkit.features`` holds the
+same rule (``supported_range``); a test keeps the two copies equal.
 
 One ``LatencyPredictor`` is not meant to be shared between threads (it reuses its output
 buffers); give each thread its own.
@@ -41,20 +53,80 @@ DEFAULT_TIERS = ("low", "medium", "high")
 DEFAULT_VISION_TOKENS = {"low": 432, "medium": 1008, "high": 1872}
 #: The budget query exported beside the predictor (``exporters.budget``).
 BUDGET_FILE = "latency_budget.onnx"
+#: The prefill output of each budget bound (the prefill-alone test), and the total output
+#: (the whole answer's test); p50 has no calibrated total: prefill_p50 + decode total.
 _BOUND_OUTPUTS = {
     "mean": "prefill_ms",
     "p50": "prefill_p50_ms",
     "p90": "prefill_p90_ms",
     "p95": "prefill_p95_ms",
 }
+_TOTAL_OUTPUTS = {"mean": "total_ms", "p90": "total_p90_ms", "p95": "total_p95_ms"}
+#: Share of a training range's width by which the supported range extends beyond each end
+#: (``toolkit.features.EXTRAPOLATION_MARGIN``).
+EXTRAPOLATION_MARGIN = 0.5
+#: The smallest possible value of each input (``toolkit.features.FEATURE_MINIMUM``).
+FEATURE_MINIMUM = {
+    "vision_tokens": 0.0,
+    "text_tokens": 0.0,
+    "tier_idx": 0.0,
+    "top_k": 1.0,
+    "num_active_blocks": 1.0,
+    "output_tokens": 0.0,
+}
 
 
 class InputError(ValueError):
-    """Inputs the predictor refuses: wrong shape, NaN/inf, unknown tier, missing value."""
+    """Inputs the predictor refuses: wrong shape, NaN/inf, impossible values, unknown tier,
+    missing value."""
 
 
 class OutOfRangeWarning(UserWarning):
     """Some rows lie outside the ranges the model was trained on."""
+
+
+def supported_range(name: str, low: float, high: float) -> tuple[float, float]:
+    """The range a model trained on [low, high] of ``name`` answers without a flag: the width
+    times ``EXTRAPOLATION_MARGIN`` beyond each end, not below the input's minimum; the tier
+    exactly (a copy of ``toolkit.features.supported_range``)."""
+    if name == "tier_idx":
+        return float(low), float(high)
+    width = float(high) - float(low)
+    return (
+        max(FEATURE_MINIMUM.get(name, -np.inf), float(low) - EXTRAPOLATION_MARGIN * width),
+        float(high) + EXTRAPOLATION_MARGIN * width,
+    )
+
+
+def impossible_inputs(
+    features: np.ndarray,
+    feature_names: Sequence[str] = DEFAULT_FEATURE_NAMES,
+    n_tiers: int = len(DEFAULT_TIERS),
+    limits: Mapping[str, float] | None = None,
+) -> list[str]:
+    """One message per feature with impossible values (below its minimum, a tier other than
+    0 .. n_tiers - 1, above ``limits``); empty when every row is possible. Finite inputs
+    assumed (``check_inputs`` refuses NaN/inf first)."""
+    problems = []
+    for f, name in enumerate(feature_names):
+        values = features[:, f]
+        lowest = FEATURE_MINIMUM.get(name, -np.inf)
+        bad = values < lowest
+        what = f">= {lowest:g}"
+        if name == "tier_idx":
+            bad |= ~np.isin(values, np.arange(n_tiers))
+            what = ", ".join(str(i) for i in range(n_tiers - 1)) + f" or {n_tiers - 1}"
+        limit = (limits or {}).get(name)
+        if limit is not None:
+            bad |= values > limit
+            what += f" and <= {limit:g} (the exported graph's limit)"
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            problems.append(
+                f"{name} must be {what}: {int(bad.sum())} row(s), first row {row} has "
+                f"{values[row]:g}"
+            )
+    return problems
 
 
 def tier_to_index(tier: Any, tiers: Sequence[str] = DEFAULT_TIERS) -> np.ndarray:
@@ -83,11 +155,16 @@ def tier_to_index(tier: Any, tiers: Sequence[str] = DEFAULT_TIERS) -> np.ndarray
 
 
 def check_inputs(
-    features: Any, output_tokens: Any, n_features: int = 5, name: str = "output_tokens"
+    features: Any,
+    output_tokens: Any,
+    n_features: int = 5,
+    name: str = "output_tokens",
+    feature_names: Sequence[str] = DEFAULT_FEATURE_NAMES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Contiguous float32 ``features`` [B, n_features] and ``output_tokens`` [B], or InputError.
 
     ``name`` is what the second input is called in messages (``budget_ms`` for budgets).
+    Shapes, NaN/inf and a negative second input only: ``impossible_inputs`` checks values.
     """
     try:
         x = np.asarray(features, dtype=np.float32)
@@ -108,8 +185,9 @@ def check_inputs(
     if x.shape[0] == 0:
         raise InputError("empty batch")
     if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        raise InputError(f"features row {bad[0]} column {bad[1]} is NaN or infinite")
+        row, column = np.argwhere(~np.isfinite(x))[0]
+        field = f" ({feature_names[column]})" if column < len(feature_names) else ""
+        raise InputError(f"features row {row} column {column}{field} is NaN or infinite")
     if not np.isfinite(n).all():
         raise InputError(f"{name} row {int(np.argmax(~np.isfinite(n)))} is NaN or infinite")
     if (n < 0).any():
@@ -174,14 +252,29 @@ class LatencyPredictor:
         self.output_names: tuple[str, ...] = tuple(o.name for o in self._small.get_outputs())
         summary = self.metadata.get("training_summary", {}) or {}
         ranges = summary.get("feature_ranges", {}) or {}
+        #: Per feature, the training range and the supported range (see the module doc).
+        self.training_ranges: dict[str, tuple[float, float]] = {
+            name: (float(ranges[name][0]), float(ranges[name][1]))
+            for name in self.feature_names
+            if name in ranges
+        }
+        self.supported_ranges: dict[str, tuple[float, float]] = {
+            name: supported_range(name, *bounds) for name, bounds in self.training_ranges.items()
+        }
         self._low = np.array(
-            [ranges.get(name, [-np.inf, np.inf])[0] for name in self.feature_names], np.float32
+            [self.supported_ranges.get(name, (-np.inf, np.inf))[0] for name in self.feature_names],
+            np.float64,
         )
         self._high = np.array(
-            [ranges.get(name, [-np.inf, np.inf])[1] for name in self.feature_names], np.float32
+            [self.supported_ranges.get(name, (-np.inf, np.inf))[1] for name in self.feature_names],
+            np.float64,
         )
-        tokens_range = summary.get("output_tokens_range") or [0, np.inf]
-        self._tokens_high = np.float32(tokens_range[1])
+        tokens_range = summary.get("output_tokens_range")
+        self._tokens_high = (
+            supported_range("output_tokens", *tokens_range)[1] if tokens_range else np.inf
+        )
+        limits = self.metadata.get("feature_limits") or {}
+        self._limits: dict[str, float] = {k: float(v) for k, v in limits.items()}
         self._binding_batch = -1
         self._binding: Any = None
         self._in_features = np.empty((0, len(self.feature_names)), dtype=np.float32)
@@ -292,7 +385,7 @@ class LatencyPredictor:
             features = self.features_from_kwargs(**columns)
         elif columns:
             raise InputError("give either a features matrix or keyword columns, not both")
-        x, n = check_inputs(features, output_tokens, len(self.feature_names))
+        x, n = self.checked(features, output_tokens)
         flags = self.out_of_range(x, n)
         if flags.any():
             message = self._range_message(x, n, flags)
@@ -304,22 +397,33 @@ class LatencyPredictor:
         out["out_of_range"] = flags
         return out
 
+    def checked(
+        self, features: Any, second: Any, name: str = "output_tokens"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``check_inputs`` + ``impossible_inputs``: validated float32 arrays, or InputError."""
+        x, n = check_inputs(features, second, len(self.feature_names), name, self.feature_names)
+        problems = impossible_inputs(x, self.feature_names, len(self.tiers), self._limits)
+        if problems:
+            raise InputError("impossible input: " + "; ".join(problems))
+        return x, n
+
     def out_of_range(self, features: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+        """bool [B]: the row lies beyond the supported range (see the module doc)."""
         outside = (features < self._low) | (features > self._high)
         return outside.any(axis=1) | (output_tokens > self._tokens_high)
 
     def _range_message(self, x: np.ndarray, n: np.ndarray, flags: np.ndarray) -> str:
-        names = [
-            name
-            for f, name in enumerate(self.feature_names)
-            if ((x[:, f] < self._low[f]) | (x[:, f] > self._high[f])).any()
-        ]
+        parts = []
+        for f, name in enumerate(self.feature_names):
+            if ((x[:, f] < self._low[f]) | (x[:, f] > self._high[f])).any():
+                low, high = self.training_ranges[name]
+                parts.append(f"{name} (trained {low:g}-{high:g})")
         if (n > self._tokens_high).any():
-            names.append("output_tokens")
+            parts.append("output_tokens")
         return (
             f"{int(flags.sum())} of {len(flags)} rows outside the training range of "
-            f"{', '.join(names)}: predictions there are not extrapolated "
-            "(trees hold the edge value)"
+            f"{', '.join(parts)} by more than {EXTRAPOLATION_MARGIN:.0%} of its width: "
+            "predictions there are extrapolations"
         )
 
     def run(self, features: np.ndarray, output_tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -373,9 +477,11 @@ class LatencyPredictor:
         safety: float = 0.8,
         bound: str = "mean",
     ) -> np.ndarray:
-        """The controller's budget rule per row (the rule of ``toolkit.controller``):
-        prefill (mean or a quantile ``bound``) <= budget x ``safety`` and, when an expected
-        ``output_tokens`` is given, prefill + decode total <= budget."""
+        """The controller's budget rule per row (the rule of ``toolkit.controller``): the
+        prefill (``prefill_ms`` or the ``bound``'s prefill bound) <= budget x ``safety`` and,
+        when an expected ``output_tokens`` is given, the total <= budget: ``total_ms``, or the
+        calibrated ``total_p90_ms`` / ``total_p95_ms`` for bound p90 / p95 (p50, which has no
+        total bound: ``prefill_p50_ms`` + decode total)."""
         key = _BOUND_OUTPUTS.get(bound)
         if key is None:
             raise InputError(f"bound must be one of {', '.join(_BOUND_OUTPUTS)}, not {bound!r}")
@@ -386,13 +492,25 @@ class LatencyPredictor:
         prefill = out[key].astype(np.float64)
         ok = prefill <= budget * safety
         if output_tokens is not None:
-            ok &= prefill + out["decode_total_ms"] <= budget
+            total_key = _TOTAL_OUTPUTS.get(bound)
+            if total_key is not None and total_key not in out:
+                raise InputError(
+                    f"{self.path.name} has no {total_key} output (exported by an older "
+                    "latkit): re-export it to decide on the calibrated total bounds"
+                )
+            total = (
+                out[total_key].astype(np.float64)
+                if total_key is not None
+                else prefill + out["decode_total_ms"].astype(np.float64)
+            )
+            ok &= total <= budget
         return np.asarray(ok)
 
     def max_output_tokens(self, features: Any, budget_ms: Any) -> dict[str, np.ndarray]:
         """Largest output length within ``budget_ms`` per row (0: even prefill does not fit),
         from the exported budget query ``latency_budget.onnx`` beside the predictor:
-        ``max_output_tokens`` (mean prefill), ``max_output_tokens_p90``, ``_p95``."""
+        ``max_output_tokens`` (``total_ms`` <= budget), ``max_output_tokens_p90`` /
+        ``_p95`` (``total_p90_ms`` / ``total_p95_ms`` <= budget; 0 for an unbounded level)."""
         if self._budget is None:
             path = self.path.with_name(BUDGET_FILE)
             if not path.is_file():
@@ -402,7 +520,7 @@ class LatencyPredictor:
             self._budget = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
             )
-        x, budget = check_inputs(features, budget_ms, len(self.feature_names), "budget_ms")
+        x, budget = self.checked(features, budget_ms, "budget_ms")
         values = self._budget.run(None, {"features": x, "budget_ms": budget})
         names = [o.name for o in self._budget.get_outputs()]
         return {name: np.asarray(v).astype(np.int64) for name, v in zip(names, values, strict=True)}

@@ -55,7 +55,31 @@ def test_budget_files_match_the_controller(exported: Any, name: str) -> None:
     agreement, worst = budget_agreement(got, reference_answers(model, features, budgets))
     assert agreement >= 0.99 and worst <= 1
     # The safe bounds never allow more output than the mean estimate.
-    assert (got["max_output_tokens_p95"] <= got["max_output_tokens"]).all()
+    assert (got["max_output_tokens_p95"] <= got["max_output_tokens_p90"]).all()
+    assert (got["max_output_tokens_p90"] <= got["max_output_tokens"]).all()
+    # The probes reach every regime: nothing fits, some room, and room for the mean only.
+    assert (got["max_output_tokens"] == 0).any() and (got["max_output_tokens"] > 1).any()
+    assert (got["max_output_tokens_p95"] < got["max_output_tokens"]).any()
+
+
+@pytest.mark.parametrize("name", ["latency_budget.onnx", "latency_budget.ts"])
+def test_budget_answer_is_the_longest_total_within_budget(exported: Any, name: str) -> None:
+    """Independently of any search: for each bound, the answer N is the largest with
+    total_ms / total_p90_ms / total_p95_ms (N) <= budget, per the model's own predict over
+    every N in 1..4096 (a float32 graph may land one token off right at the edge)."""
+    model, out, _ = exported
+    features = _grid_features()[::5]
+    budgets = probe_budgets(model, features, seed=4)
+    got = run_budget_file(out / name, features, budgets)
+    lengths = np.arange(1, MAX_TOKENS + 1, dtype=np.float32)
+    for row, (x, budget) in enumerate(zip(features, budgets, strict=True)):
+        totals = model.predict(np.repeat(x[None], MAX_TOKENS, axis=0), lengths)
+        for output, column in zip(
+            BUDGET_OUTPUT_NAMES, ("total_ms", "total_p90_ms", "total_p95_ms"), strict=True
+        ):
+            fits = totals[column] <= float(budget)
+            want = int(lengths[fits].max()) if fits[0] else 0
+            assert abs(int(got[output][row]) - want) <= 1, (name, row, output)
 
 
 def test_budget_extremes(exported: Any) -> None:
@@ -67,22 +91,38 @@ def test_budget_extremes(exported: Any) -> None:
     assert all((every[name] == MAX_TOKENS).all() for name in BUDGET_OUTPUT_NAMES)
 
 
-def test_runtime_budget_methods_equal_the_python_model(exported: Any) -> None:
+def test_runtime_budget_methods_follow_the_total_bounds(exported: Any) -> None:
     model, out, _ = exported
     runtime = LatencyPredictor(out / "latency_predictor.onnx", on_out_of_range="flag")
     features = _grid_features()
-    median_total = float(np.median(model.predict(features, np.full(75, 6))["total_ms"]))
-    table = model.answer_budget(60, median_total, output_tokens=6, bound="p90")
-    by_config = {row["config"]: row for row in table.iter_rows(named=True)}
-    feasible = runtime.feasible(features, median_total, output_tokens=6, bound="p90")
-    names = [c.name for c in knob_grid()]
+    six = np.full(75, 6, np.float32)
+    predicted = model.predict(features, six)
+    # Midway between two rows' p90 totals: no row sits within float32 rounding of the budget.
+    middle = np.sort(predicted["total_p90_ms"])[36:38]
+    budget = float(middle.mean())
+    assert middle[1] - middle[0] > 1e-4 * budget
+    # p90: prefill_p90 <= budget x safety and total_p90_ms <= budget.
+    feasible = runtime.feasible(features, budget, output_tokens=6, bound="p90")
+    want = (predicted["prefill_p90_ms"] <= budget * 0.8) & (predicted["total_p90_ms"] <= budget)
     assert 0 < feasible.sum() < 75
-    assert feasible.tolist() == [by_config[n]["feasible"] for n in names]
-    room = runtime.max_output_tokens(features, np.full(75, median_total, np.float32))
-    python_room = model.max_output_tokens(features, median_total)
-    assert np.abs(room["max_output_tokens"] - python_room).max() <= 1
+    assert feasible.tolist() == want.tolist()
+    # Rows whose mean total fits but whose calibrated p90 total does not: refused for p90.
+    mean_only = (predicted["total_ms"] <= budget) & (predicted["total_p90_ms"] > budget)
+    assert mean_only.any() and not feasible[mean_only].any()
+    # The mean rule equals the controller's budget table.
+    table = model.answer_budget(60, budget, output_tokens=6, bound="mean")
+    by_config = {row["config"]: row for row in table.iter_rows(named=True)}
+    names = [c.name for c in knob_grid()]
+    mean = runtime.feasible(features, budget, output_tokens=6, bound="mean")
+    assert mean.tolist() == [by_config[n]["feasible"] for n in names]
+    room = runtime.max_output_tokens(features, np.full(75, budget, np.float32))
+    for name, bound in zip(BUDGET_OUTPUT_NAMES, ("mean", "p90", "p95"), strict=True):
+        python_room = model.max_output_tokens(features, budget, bound=bound)
+        assert np.abs(room[name] - python_room).max() <= 1, name
     with pytest.raises(InputError, match="budget_ms row 0 is NaN"):
         runtime.max_output_tokens(features[:1], np.array([np.nan], np.float32))
+    with pytest.raises(InputError, match="top_k"):
+        runtime.max_output_tokens(features[:1] * [1, 1, 1, 0, 1], np.array([50.0], np.float32))
     with pytest.raises(InputError, match="bound"):
         runtime.feasible(features, 10.0, bound="p99")
 

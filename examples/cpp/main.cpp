@@ -6,8 +6,10 @@
 //
 // queries.csv: header + rows with the columns vision_tokens, text_tokens, tier (low/medium/high
 // or 0-2; "tier_idx" also accepted), top_k, num_active_blocks, output_tokens, in any order.
-// stdout: the six input columns (tier as its index) followed by the predictor's outputs, in
-// its order: prefill_ms, decode_total_ms, decode_per_token_ms, total_ms, then the quantiles.
+// stdout: the six input columns (tier as its index) followed by the predictor's nine outputs,
+// by name, in its order: prefill_ms, decode_total_ms, decode_per_token_ms, total_ms, then the
+// bounds prefill_p90_ms, prefill_p95_ms, prefill_p50_ms, total_p90_ms, total_p95_ms (an
+// unbounded level prints as inf).
 // --bench N: also time N batch-1 calls (after a warm-up) and print the median in microseconds
 // on stderr, as "latkit-cpp backend=... batch=1 calls=N median_us=X".
 
@@ -215,9 +217,11 @@ class Predictor {
     at::set_num_threads(1);
     module_ = torch::jit::load(path);
     module_.eval();
-    // Names travel in the file's metadata; these are the contract's order.
-    output_names_ = {"prefill_ms",     "decode_total_ms", "decode_per_token_ms", "total_ms",
-                     "prefill_p90_ms", "prefill_p95_ms",  "prefill_p50_ms"};
+    // forward() returns the contract's tuple, in this order (the names also travel in the
+    // file's metadata, latkit_metadata.json).
+    output_names_ = {"prefill_ms",     "decode_total_ms", "decode_per_token_ms",
+                     "total_ms",       "prefill_p90_ms",  "prefill_p95_ms",
+                     "prefill_p50_ms", "total_p90_ms",    "total_p95_ms"};
   }
 
   const std::vector<std::string>& output_names() const { return output_names_; }
@@ -229,8 +233,12 @@ class Predictor {
     auto n = torch::from_blob(const_cast<float*>(tokens), {rows}, torch::kFloat32);
     const auto result = module_.forward({x, n}).toTuple();
     const auto& elements = result->elements();
+    if (elements.size() != output_names_.size()) {
+      throw std::runtime_error("the TorchScript predictor returned " +
+                               std::to_string(elements.size()) + " outputs, expected " +
+                               std::to_string(output_names_.size()) + ": re-export it");
+    }
     outputs.resize(elements.size());
-    if (output_names_.size() > elements.size()) output_names_.resize(elements.size());
     for (size_t i = 0; i < elements.size(); ++i) {
       const auto tensor = elements[i].toTensor().contiguous();
       outputs[i].assign(tensor.data_ptr<float>(), tensor.data_ptr<float>() + rows);

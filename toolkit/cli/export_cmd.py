@@ -41,18 +41,20 @@ def export_command(
     max_cells: int | None,
     verbose: bool,
 ) -> None:
-    """Export ONE predictor per format: prefill trees compiled to an exact lookup table plus
-    the decode network, as one graph of ordinary ops.
+    """Export ONE predictor per format: the physics baseline, the prefill trees compiled to
+    an exact lookup table, the decode network and the calibrated bounds, as one graph of
+    ordinary ops.
 
     Inputs `features` float32 [B, 5] (vision_tokens, text_tokens, tier_idx, top_k,
     num_active_blocks) and `output_tokens` float32 [B]; outputs prefill_ms, decode_total_ms,
-    decode_per_token_ms, total_ms, prefill_p90_ms, prefill_p95_ms, prefill_p50_ms. Every file
-    is checked against the Python model on the checkpoint's training data and on every split
-    threshold before it is written.
+    decode_per_token_ms, total_ms, prefill_p90_ms, prefill_p95_ms, prefill_p50_ms,
+    total_p90_ms, total_p95_ms. Every file is checked against the Python model on the
+    checkpoint's training data and on every split threshold before it is written.
 
     Beside each predictor goes the budget query, latency_budget.onnx / .ts: inputs
-    `features` [B, 5] and `budget_ms` [B], outputs max_output_tokens, max_output_tokens_p90,
-    max_output_tokens_p95 (the largest answer length that fits, 0 if the prefill does not).
+    `features` [B, 5] and `budget_ms` [B], outputs max_output_tokens (on total_ms),
+    max_output_tokens_p90 and _p95 (on total_p90_ms / total_p95_ms): the largest answer
+    length that fits, 0 if even the prefill does not.
     """
     from exporters.export import export_checkpoint
     from exporters.tree_table import DEFAULT_MAX_CELLS
