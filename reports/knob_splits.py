@@ -70,6 +70,7 @@ class SplitScore:
     n_train: int
     held_out: HeldOutScore  # sample split: its 20 %; knob splits: the never-profiled configs
     profiled: HeldOutScore | None  # knob splits: validation samples of profiled configs
+    model: Any = field(default=None, repr=False)  # the trained model (not serialised)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,7 +123,13 @@ def score_split(
             train, steps, seed=seed, num_epochs=num_epochs, log_epochs=False, model_params=params
         )
         return SplitScore(
-            split, seed, structure, result.n_train, score_held_out(result.model, held), None
+            split,
+            seed,
+            structure,
+            result.n_train,
+            score_held_out(result.model, held),
+            None,
+            result.model,
         )
     profiled, unprofiled = knob_split(samples, split)
     result = train_on_frames(
@@ -137,6 +144,7 @@ def score_split(
         result.n_train,
         score_held_out(result.model, unprofiled),
         score_held_out(result.model, validation),
+        result.model,
     )
 
 

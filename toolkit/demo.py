@@ -146,6 +146,16 @@ def run_demo(
             if coverage.get(name) is not None
         )
     )
+    floor = evaluation.get("noise_floor", {})
+    if floor:
+        summary.lines.append(
+            "  noise floor of these samples (different samples doing identical work): "
+            + ", ".join(
+                f"{k} {v.get('mape_pct', float('nan')):.1f}%"
+                for k, v in floor.items()
+                if isinstance(v, dict)
+            )
+        )
     summary.lines += ["", "Sparse grid (trained on top_k 4/8/12 x blocks 8/12/16 of each tier):"]
     for label, part in (
         ("profiled configs, held-out samples", sparse.profiled),
@@ -159,21 +169,21 @@ def run_demo(
             f"total_p90 covers {100 * part.coverage['total_p90_ms']:.1f}%, total_p95 "
             f"{100 * part.coverage['total_p95_ms']:.1f}%"
         )
-    floor = evaluation.get("noise_floor", {})
-    if floor:
-        summary.lines.append(
-            "  noise floor of the data (different samples doing identical work): "
-            + ", ".join(
-                f"{k} {v.get('mape_pct', float('nan')):.1f}%"
-                for k, v in floor.items()
-                if isinstance(v, dict)
-            )
-        )
+    sparse_checkpoint = work / "checkpoints" / "latency_estimator_sparse_grid"
+    sparse.model.save(sparse_checkpoint)
+    summary.paths["model (sparse grid)"] = sparse_checkpoint
 
     _banner("plot")
     figures = run_plots(checkpoint, results, work / "visualizations", held_out_only=True)
     summary.paths["figures"] = work / "visualizations"
-    summary.lines.append(f"\n{len(figures)} figures written.")
+    sparse_figures = run_plots(
+        sparse_checkpoint, results, work / "visualizations_sparse_grid", held_out_only=True
+    )
+    summary.paths["figures (sparse grid)"] = work / "visualizations_sparse_grid"
+    summary.lines.append(
+        f"\n{len(figures)} figures written, and {len(sparse_figures)} of the sparse-grid model "
+        "(unprofiled_configs.png: its error on profiled vs never-profiled configurations)."
+    )
 
     _banner("export")
     exported = export_checkpoint(checkpoint, work / "exported")
