@@ -177,7 +177,7 @@ def test_single_mode_needs_its_flags(checkpoint) -> None:
 
 def test_single_mode_warns_once_per_feature_beyond_the_margin(checkpoint) -> None:
     """Synthetic training range: top_k 4-12, blocks 8-16; supported up to 16 and 20."""
-    model, ckpt = checkpoint
+    _, ckpt = checkpoint
     args = ["--checkpoint", str(ckpt), "--tier", "medium", "--text-tokens", "60"]
     args += ["--output-tokens", "8", "--vision-tokens", "1008"]
     inside = CliRunner().invoke(main, ["predict", *args, "--top-k", "16", "--blocks", "20"])

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from synthetic import make_samples, write_results_dir
 
-from toolkit.metrics import regression_metrics
 from toolkit.cli import main
 from toolkit.data import load_results
+from toolkit.metrics import regression_metrics
 from toolkit.models.calibration import Calibration
 from toolkit.models.hybrid import HybridLatencyModel
 from toolkit.recalibrate import calibration_split, fit_calibration, recalibrate

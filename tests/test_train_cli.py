@@ -39,7 +39,9 @@ def test_train_writes_a_loadable_model(results_dir: Path, tmp_path: Path) -> Non
     assert "Epoch" not in output
     summary = [line for line in output.splitlines() if line.startswith("Trained on")]
     assert len(summary) == 1, output
-    assert "Trained on 104 samples (sample split; 32 for early stopping, 26 to calibrate" in summary[0]
+    assert (
+        "Trained on 104 samples (sample split; 32 for early stopping, 26 to calibrate" in summary[0]
+    )
     assert "total_p95 covers" in summary[0] and summary[0].endswith(f"-> {out}")
     model = HybridLatencyModel.load(out)
     manifest = json.loads((out / "manifest.json").read_text())
