@@ -26,12 +26,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from reports.evaluation import run_evaluation
 from reports.knob_splits import SPLITS, format_split_table, score_split
 from toolkit.data import load_results
 from toolkit.demo import BUNDLED, bundled_data_dir
+from toolkit.features import feature_matrix
+from toolkit.metrics import bias_share, regression_metrics
+from toolkit.models.physics import PhysicsBaseline
 from toolkit.recalibrate import recalibration_curve
-from toolkit.training import train_model
+from toolkit.training import knob_split, split_samples, train_model
 
 TARGETS = {"prefill": (2.0, 0.99), "decode_total": (6.0, 0.97)}
 
@@ -87,6 +92,7 @@ def report_knob_splits(results_dir: Path, seeds: list[int]) -> None:
     ]
     print(f"\nknob splits ({loaded.samples.height} samples, held-out parts never trained on):")
     print(format_split_table(scores))
+    report_baseline_alone(loaded.samples, seeds)
     for structure in ("physics", "trees"):
         sample = [
             s.held_out.prefill_mape_pct
@@ -104,6 +110,27 @@ def report_knob_splits(results_dir: Path, seeds: list[int]) -> None:
             "  sparse grid, validation samples of its 9 profiled configurations per tier: "
             f"total_p95_ms covers {100 * float(sum(cover) / len(cover)):.1f} %"
         )
+
+
+def report_baseline_alone(samples: pl.DataFrame, seeds: list[int]) -> None:
+    """The alternative of no trees at all: the physics baseline alone, fitted on a seeded 80 %
+    of each split's profiled samples (NNLS on relative error), scored on the same held-out
+    parts as the splits above."""
+    print("  physics baseline alone (no trees), prefill MAPE / bias:")
+    for split in SPLITS:
+        mape, bias = [], []
+        for seed in seeds:
+            if split == "sample":
+                profiled, held = split_samples(samples, "sample", 0.2, seed)
+            else:
+                profiled, held = knob_split(samples, split)
+            fit, _ = split_samples(profiled, "sample", 0.2, seed)
+            baseline = PhysicsBaseline.fit(feature_matrix(fit), fit["T_prefill_total"].to_numpy())
+            actual = held["T_prefill_total"].to_numpy()
+            predicted = baseline.predict(feature_matrix(held))
+            mape.append(regression_metrics(actual, predicted)["mape_pct"])
+            bias.append(bias_share(actual, predicted))
+        print(f"    {split:<8}{sum(mape) / len(mape):6.2f} %  {sum(bias) / len(bias):.2f}")
 
 
 def report_recalibration(checkpoint: Path, target_dir: Path) -> None:
