@@ -42,15 +42,14 @@ from reports.baselines import (
 )
 from toolkit.atomic import write_json_atomic
 from toolkit.errors import LatkitError
-from toolkit.features import config_name
-from toolkit.metrics import RegressionMetrics, bias_share, coverage, regression_metrics
-from toolkit.models.bounds import PREFILL_LEVELS, TOTAL_LEVELS
+from toolkit.features import BOUND_LEVELS, config_name
+from toolkit.metrics import RegressionMetrics, regression_metrics
+from toolkit.metrics import coverage_and_bias as metrics_coverage_and_bias
 from toolkit.training import CONFIG_KEYS
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BOUND_LEVELS",
     "METRIC_KEYS",
     "Predictor",
     "coverage_and_bias",
@@ -126,41 +125,17 @@ def score_predictions(
     return scores
 
 
-#: Nominal coverage of every bound output (``prefill_p90_ms`` -> 0.90), prefill then total,
-#: levels ascending. (Not ``hybrid.BOUND_OUTPUTS``: its ``"_p"`` test also matches
-#: ``decode_per_token_ms``.)
-BOUND_LEVELS: dict[str, float] = {
-    **{f"prefill_{name}_ms": level for name, level in PREFILL_LEVELS.items()},
-    **{f"total_{name}_ms": level for name, level in TOTAL_LEVELS.items()},
-}
-
-
 def coverage_and_bias(
     samples: pl.DataFrame, predictions: Mapping[str, np.ndarray]
 ) -> dict[str, dict[str, float]]:
-    """``coverage``: share of actuals at or below each bound output the predictions have
-    (``prefill_*`` against ``T_prefill_total``, ``total_*`` against prefill + decode);
-    ``bias``: share of actuals at or below the point prediction (0.5 = unbiased) of
-    ``prefill``, ``decode_total`` (samples with passes) and ``total``, the latter two when the
-    model predicts decode. The same definitions as ``HybridLatencyModel.evaluate``
-    (``toolkit.metrics``)."""
-    prefill_true = samples["T_prefill_total"].to_numpy().astype(np.float64)
-    decode_true = samples["T_LLM_decode"].to_numpy().astype(np.float64)
-    total_true = prefill_true + decode_true
-    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
-    covered = {
-        name: coverage(total_true if name.startswith("total_") else prefill_true, predictions[name])
-        for name in BOUND_LEVELS
-        if name in predictions
-    }
-    bias = {"prefill": bias_share(prefill_true, prefill_pred)}
-    if "decode_total_ms" in predictions:
-        has = decode_passes(samples) > 0
-        decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
-        total_pred = np.asarray(predictions.get("total_ms", prefill_pred + decode_pred))
-        bias["decode_total"] = bias_share(decode_true[has], decode_pred[has])
-        bias["total"] = bias_share(total_true, total_pred)
-    return {"coverage": covered, "bias": bias}
+    """``toolkit.metrics.coverage_and_bias`` of a samples frame (the definitions
+    ``HybridLatencyModel.evaluate`` uses too)."""
+    return metrics_coverage_and_bias(
+        samples["T_prefill_total"].to_numpy(),
+        samples["T_LLM_decode"].to_numpy(),
+        decode_passes(samples) > 0,
+        predictions,
+    )
 
 
 def _config_frame(frame: pl.DataFrame) -> pl.DataFrame:

@@ -26,7 +26,7 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
-from toolkit.metrics import bias_share, coverage, regression_metrics
+from toolkit.metrics import coverage_and_bias, regression_metrics
 from toolkit.training import KNOB_SPLITS, knob_split, split_samples, train_on_frames
 
 SPLITS: Final[tuple[str, ...]] = ("sample", *KNOB_SPLITS)
@@ -88,21 +88,18 @@ def score_held_out(model: Any, samples: pl.DataFrame) -> HeldOutScore:
     pred = model.predict_frame(samples)
     prefill = samples["T_prefill_total"].to_numpy().astype(np.float64)
     decode = samples["T_LLM_decode"].to_numpy().astype(np.float64)
-    total = prefill + decode
     has_passes = samples["n_decode_passes"].to_numpy() > 0
+    shares = coverage_and_bias(prefill, decode, has_passes, pred)
     return HeldOutScore(
         n=samples.height,
         prefill_mape_pct=regression_metrics(prefill, pred["prefill_ms"])["mape_pct"],
         decode_total_mape_pct=regression_metrics(
             decode[has_passes], pred["decode_total_ms"][has_passes]
         )["mape_pct"],
-        prefill_bias=bias_share(prefill, pred["prefill_ms"]),
-        decode_total_bias=bias_share(decode[has_passes], pred["decode_total_ms"][has_passes]),
-        coverage={
-            name: coverage(total if name.startswith("total") else prefill, pred[name])
-            for name in BOUND_NAMES
-        },
-        total_p95_width=float(np.median(pred["total_p95_ms"] / total)),
+        prefill_bias=shares["bias"]["prefill"],
+        decode_total_bias=shares["bias"]["decode_total"],
+        coverage={name: shares["coverage"][name] for name in BOUND_NAMES},
+        total_p95_width=float(np.median(pred["total_p95_ms"] / (prefill + decode))),
     )
 
 

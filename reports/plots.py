@@ -39,14 +39,13 @@ from matplotlib.ticker import MaxNLocator
 
 from reports.baselines import decode_passes
 from reports.evaluation import (
-    BOUND_LEVELS,
     coverage_and_bias,
     per_config_table,
     profiled_mask,
     profiling_summary,
 )
 from toolkit.atomic import atomic_path
-from toolkit.features import TIERS, feature_matrix
+from toolkit.features import BOUND_LEVELS, TIERS, feature_matrix
 from toolkit.metrics import regression_metrics
 
 log = logging.getLogger(__name__)

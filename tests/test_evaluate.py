@@ -22,7 +22,6 @@ from reports.baselines import (
     TreesOnlyPrefill,
 )
 from reports.evaluation import (
-    BOUND_LEVELS,
     METRIC_KEYS,
     coverage_and_bias,
     evaluate_model,
@@ -34,7 +33,7 @@ from reports.evaluation import (
     write_evaluation,
 )
 from toolkit.data import load_results
-from toolkit.features import config_name, feature_matrix
+from toolkit.features import BOUND_LEVELS, config_name, feature_matrix
 from toolkit.models.hybrid import HybridLatencyModel
 from toolkit.models.prefill import PrefillModel
 from toolkit.training import knob_split

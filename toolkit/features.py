@@ -46,6 +46,14 @@ OUTPUT_NAMES: Final[tuple[str, ...]] = (
     "total_p90_ms",
     "total_p95_ms",
 )
+#: Nominal coverage of every bound output, prefill then total, levels ascending.
+BOUND_LEVELS: Final[dict[str, float]] = {
+    "prefill_p50_ms": 0.50,
+    "prefill_p90_ms": 0.90,
+    "prefill_p95_ms": 0.95,
+    "total_p90_ms": 0.90,
+    "total_p95_ms": 0.95,
+}
 #: The total column of each controller bound (a decision on prefill + decode uses these).
 TOTAL_BOUND_COLUMNS: Final[dict[str, str]] = {
     "mean": "total_ms",

@@ -4,10 +4,13 @@ both use them, so they live below both."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from toolkit.features import BOUND_LEVELS
 
 
 class RegressionMetrics(TypedDict):
@@ -67,3 +70,32 @@ def bias_share(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Share of actuals at or below the point prediction: 0.5 for an unbiased model, near 0
     for one that predicts low; NaN when empty."""
     return coverage(y_true, y_pred)
+
+
+def coverage_and_bias(
+    prefill_true: ArrayLike,
+    decode_true: ArrayLike,
+    has_passes: ArrayLike,
+    predictions: Mapping[str, ArrayLike],
+) -> dict[str, dict[str, float]]:
+    """``coverage``: share of actuals at or below each bound output the predictions have
+    (``prefill_*`` against prefill, ``total_*`` against prefill + decode); ``bias``: share of
+    actuals at or below the point prediction of ``prefill``, and of ``decode_total`` (samples
+    with decode passes) and ``total`` when the predictions have decode."""
+    prefill = np.asarray(prefill_true, dtype=np.float64)
+    decode = np.asarray(decode_true, dtype=np.float64)
+    passes = np.asarray(has_passes, dtype=bool)
+    total = prefill + decode
+    covered = {
+        name: coverage(total if name.startswith("total_") else prefill, predictions[name])
+        for name in BOUND_LEVELS
+        if name in predictions
+    }
+    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
+    bias = {"prefill": bias_share(prefill, prefill_pred)}
+    if "decode_total_ms" in predictions:
+        decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
+        total_pred = np.asarray(predictions.get("total_ms", prefill_pred + decode_pred))
+        bias["decode_total"] = bias_share(decode[passes], decode_pred[passes])
+        bias["total"] = bias_share(total, total_pred)
+    return {"coverage": covered, "bias": bias}

@@ -33,9 +33,16 @@ from typing import Any, Final
 
 import numpy as np
 
-#: Levels of the prefill bounds and of the total bounds (name -> nominal coverage).
-PREFILL_LEVELS: Final[dict[str, float]] = {"p50": 0.50, "p90": 0.90, "p95": 0.95}
-TOTAL_LEVELS: Final[dict[str, float]] = {"p90": 0.90, "p95": 0.95}
+from toolkit.features import BOUND_LEVELS
+
+#: Levels of the prefill bounds and of the total bounds (name -> nominal coverage), from the
+#: outputs' ``BOUND_LEVELS``: ``prefill_p90_ms`` -> ``"p90"``.
+PREFILL_LEVELS: Final[dict[str, float]] = {
+    name.split("_")[1]: level for name, level in BOUND_LEVELS.items() if name.startswith("prefill_")
+}
+TOTAL_LEVELS: Final[dict[str, float]] = {
+    name.split("_")[1]: level for name, level in BOUND_LEVELS.items() if name.startswith("total_")
+}
 METHOD: Final[str] = "split conformal, log(actual / predicted), crepes ConformalPredictiveSystem"
 
 

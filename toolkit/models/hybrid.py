@@ -57,7 +57,7 @@ from toolkit.features import (
     impossible_inputs,
     supported_range,
 )
-from toolkit.metrics import bias_share, coverage, regression_metrics
+from toolkit.metrics import coverage_and_bias, regression_metrics
 from toolkit.models.artifact import (
     DECODE_FILE,
     FORMAT,
@@ -65,7 +65,7 @@ from toolkit.models.artifact import (
     read_verified_manifest,
     write_artifact,
 )
-from toolkit.models.bounds import PREFILL_LEVELS, TOTAL_LEVELS, ConformalBounds
+from toolkit.models.bounds import ConformalBounds
 from toolkit.models.calibration import Calibration
 from toolkit.models.decode import (
     BASIS_TERMS,
@@ -79,12 +79,6 @@ from toolkit.models.decode import (
 from toolkit.models.prefill import PrefillModel
 
 log = logging.getLogger(__name__)
-
-#: The bound outputs (every ``*_pXX_ms`` of ``OUTPUT_NAMES``).
-BOUND_OUTPUTS: tuple[str, ...] = (
-    *(f"prefill_{name}_ms" for name in PREFILL_LEVELS),
-    *(f"total_{name}_ms" for name in TOTAL_LEVELS),
-)
 
 #: Columns kept in ``training_data.parquet`` (baselines of ``evaluate`` refit on them).
 TRAINING_DATA_COLUMNS: tuple[str, ...] = (
@@ -755,20 +749,9 @@ class HybridLatencyModel:
             out["decode_per_token"] = _clean_metrics(
                 regression_metrics(per_token[has_passes], pred["decode_per_token_ms"][has_passes])
             )
-        total_true = prefill_true + decode_true
-        out["coverage"] = {
-            name: _finite_float(
-                coverage(total_true if name.startswith("total") else prefill_true, pred[name])
-            )
-            for name in BOUND_OUTPUTS
-        }
-        out["bias"] = {
-            "prefill": _finite_float(bias_share(prefill_true, pred["prefill_ms"])),
-            "decode_total": _finite_float(
-                bias_share(decode_true[has_passes], pred["decode_total_ms"][has_passes])
-            ),
-            "total": _finite_float(bias_share(total_true, pred["total_ms"])),
-        }
+        shares = coverage_and_bias(prefill_true, decode_true, has_passes, pred)
+        for key, values in shares.items():
+            out[key] = {name: _finite_float(value) for name, value in values.items()}
         return out
 
     # -- persistence --------------------------------------------------------------------
