@@ -55,7 +55,7 @@ def demo_command(
     plot, export, predict and recalibrate on bundled CPU measurements, then print a
     summary with every path.
 
-    Takes about two minutes on 2 CPU cores.
+    Takes under a minute on 2 CPU cores (the small sweep; the install takes longer).
     """
     setup_logging()
     summary = run_demo(
