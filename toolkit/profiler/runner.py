@@ -185,13 +185,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _versions() -> dict[str, str]:
-    import transformers
+    # The installed version, without importing transformers (seconds of CPU in a Ray driver,
+    # which never builds a model).
+    from importlib.metadata import version
 
     return {
         "latkit": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "numpy": np.__version__,
     }
 
