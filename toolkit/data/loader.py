@@ -73,9 +73,9 @@ _REQUIRED_FIELDS: Final[tuple[str, ...]] = (
 )
 
 _REASON: Final[str] = "_latkit_skip_reason"
-#: The parts of a sample's ``metadata`` object that latkit reads (``latkit profile --ray
-#: --allow-mixed-devices`` writes ``device``; ``--canary-every`` writes ``speed_factor``).
-_METADATA_STRUCT: Final[pl.DataType] = pl.Struct({"device": pl.String, "speed_factor": _F})
+#: The part of a sample's ``metadata`` object that latkit reads: the device that measured it
+#: (``latkit profile --ray --allow-mixed-devices`` writes it).
+_METADATA_STRUCT: Final[pl.DataType] = pl.Struct({"device": pl.String})
 _RAW_SAMPLE_STRUCT: Final[pl.DataType] = pl.Struct(
     {
         "tier": pl.String,
@@ -307,14 +307,8 @@ def _coerce_file(document: Any) -> pl.DataFrame | None:
 def _coerce_metadata(metadata: Any) -> dict[str, Any]:
     """The metadata fields latkit reads; anything unexpected is treated as absent (metadata
     never makes a sample unusable)."""
-    if not isinstance(metadata, dict):
-        return {"device": None, "speed_factor": None}
-    device = metadata.get("device")
-    factor, ok = _number(metadata.get("speed_factor"), integer=False)
-    return {
-        "device": device if isinstance(device, str) else None,
-        "speed_factor": factor if ok else None,
-    }
+    device = metadata.get("device") if isinstance(metadata, dict) else None
+    return {"device": device if isinstance(device, str) else None}
 
 
 def _coerce_steps(steps: Any) -> list[list[float]] | None:
