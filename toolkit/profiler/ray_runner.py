@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'latkit[ray]'"
 #: Tasks queued per worker: one running, one waiting (hides the round trip to the driver).
 PIPELINE = 2
-#: How long the driver waits for its first workers to build their models.
+#: How long the driver waits for its first workers to build their models, or, mid-sweep,
+#: for any worker at all.
 STARTUP_TIMEOUT_S = 900.0
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$")
 
@@ -395,7 +396,7 @@ class RayDriver:
             refs = [w.info_ref for w in starting]
             ready, _ = ray.wait(refs, num_returns=1, timeout=min(remaining, 5.0))
             for ref in ready:
-                worker = next(w for w in starting if w.info_ref is ref)
+                worker = next(w for w in starting if w.info_ref == ref)
                 worker.info_ref = None
                 try:
                     worker.info = ray.get(ref)
@@ -423,9 +424,18 @@ class RayDriver:
         )
         mixed = self.ray_settings.allow_mixed_devices
         remaining = sweep.total_samples
+        last_alive = sweep.clock()
         while remaining > 0:
             if sweep.out_of_time():
                 return True
+            if self.alive():
+                last_alive = sweep.clock()
+            elif sweep.clock() - last_alive > STARTUP_TIMEOUT_S:
+                raise LatkitError(
+                    f"no ProfileWorker could be restarted for {STARTUP_TIMEOUT_S:.0f} s "
+                    f"(cluster resources: {_resources_summary(ray.cluster_resources())}); "
+                    "finished files are kept: rerun with --resume"
+                )
             # Fill every live worker's pipeline, one task per worker per pass (round robin).
             filling = True
             while queue and filling:
@@ -448,7 +458,7 @@ class RayDriver:
                 worker = owners[ref]
                 if worker is not self.workers[worker.slot]:
                     continue  # a replaced actor's late answer
-                if ref is worker.info_ref:
+                if ref == worker.info_ref:
                     worker.info_ref = None
                     try:
                         worker.info = ray.get(ref)
@@ -457,7 +467,7 @@ class RayDriver:
                         continue
                     self._ready(worker)
                     continue
-                position = next(i for i, (r, _t) in enumerate(worker.inflight) if r is ref)
+                position = next(i for i, (r, _t) in enumerate(worker.inflight) if r == ref)
                 try:
                     result: TaskResult = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
