@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -262,3 +263,21 @@ def test_unwritable_cache_does_not_stop_a_load(results_dir: Path, tmp_path: Path
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
     assert load_results(results_dir, cache=blocker).n_samples == 162
+
+
+def test_metadata_device_is_read_and_junk_metadata_ignored(results_dir: Path) -> None:
+    """``metadata.device`` (mixed-device Ray sweeps) becomes the device column; metadata
+    of other shapes (real files carry questions, answers, ids) never costs a sample."""
+    first, second = _files(results_dir)[:2]
+
+    def name_devices(document: dict[str, Any]) -> None:
+        samples = document["per_sample_results"]
+        samples[0]["metadata"] = {"device": "NVIDIA H100", "question": "?", "ids": [1, 2]}
+        samples[1]["metadata"] = {"device": {"vendor": "?"}}  # not a name: ignored
+
+    _edit(first, name_devices)
+    _edit(second, lambda d: d["per_sample_results"][0].update(metadata="not an object"))
+    result = load_results(results_dir, cache=False)
+    assert result.n_samples == 162 and not result.skipped
+    devices = result.samples["device"]
+    assert devices.drop_nulls().to_list() == ["NVIDIA H100"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +315,48 @@ def test_cli_profile(tmp_path: Path) -> None:
     help_text = runner.invoke(main, ["profile", "--help"]).output
     for flag in ("--preset", "--repeats", "--resume", "--max-minutes", "--top-k", "--blocks"):
         assert flag in help_text
+
+
+def test_cli_ray_flags_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    base = ["profile", "--output-dir", str(tmp_path), "--datasets", "tally_qa", "--no-progress"]
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [ray] extra were not installed
+    missing = runner.invoke(main, [*base, "--ray", "local"])
+    assert missing.exit_code == 2
+    assert missing.stderr.strip().splitlines() == [
+        "Error: --ray needs Ray, an optional extra: pip install 'latkit[ray]'"
+    ]
+    for flags, message in (
+        (["--workers", "2"], "--workers needs --ray"),
+        (["--allow-mixed-devices"], "--allow-mixed-devices needs --ray"),
+        (["--ray", "http://head:6379"], "expected local, auto, host:port or ray://host:port"),
+        (["--ray", "local", "--workers", "0"], "--workers must be at least 1"),
+    ):
+        bad = runner.invoke(main, [*base, *flags])
+        assert bad.exit_code == 2 and message in bad.stderr, (flags, bad.output)
+        assert "Traceback" not in bad.output
+    assert not _result_files(tmp_path)
+    help_text = runner.invoke(main, ["profile", "--help"]).output
+    for flag in ("--ray", "--workers", "--allow-mixed-devices", "--canary-every"):
+        assert flag in help_text
+
+
+def test_canary_speed_factor_on_every_sample(tmp_path: Path) -> None:
+    report = run_profile(_small(tmp_path, repeats=1, canary_every=3))
+    samples = [s for p in _result_files(tmp_path) for s in _read(p)["per_sample_results"]]
+    assert report.samples_measured == len(samples) == 8
+    factors = [s["metadata"]["speed_factor"] for s in samples]
+    assert all(f > 0 for f in factors)
+    assert all(set(s["metadata"]) == {"speed_factor"} for s in samples)
+    assert 1.0 in factors  # samples measured before the second canary
+    canary = json.loads((tmp_path / "logs" / "run.json").read_text())["canary"]
+    assert canary["every"] == 3
+    (worker,) = canary["workers"]
+    assert worker["canaries"] == math.ceil(8 / 3) and worker["first_ms"] > 0
+    assert worker["speed_factor_min"] <= 1.0 <= worker["speed_factor_max"]
+
+    from toolkit.data import load_results
+
+    result = load_results(tmp_path, outlier_ms=1e9, cache=False)
+    assert result.samples.height == 8 and not result.skipped
+    assert result.samples["device"].null_count() == 8  # a single-device sweep names none

@@ -27,6 +27,12 @@ def inspect_results(
     )
 
 
+def samples_per_device(result: LoadResult) -> dict[str, int]:
+    """Samples per ``metadata.device`` (empty unless the samples name their device)."""
+    named = result.samples.filter(pl.col("device").is_not_null())
+    return {str(device): int(count) for device, count in count_by(named, ["device"]).iter_rows()}
+
+
 def summary_json(result: LoadResult) -> dict[str, Any]:
     """The ``inspect --json`` object."""
     return {
@@ -37,6 +43,7 @@ def summary_json(result: LoadResult) -> dict[str, Any]:
         "skipped": dict(result.skipped),
         "files_failed": list(result.files_failed),
         "files_skipped": dict(result.files_skipped),
+        "samples_per_device": samples_per_device(result),
     }
 
 
@@ -52,6 +59,13 @@ def summary_text(result: LoadResult) -> str:
     ]
     for dataset, count in count_by(result.samples, ["dataset"]).sort("dataset").iter_rows():
         lines.append(f"  {dataset:<24} {count:>8}")
+    devices = samples_per_device(result)
+    if devices:
+        unnamed = result.n_samples - sum(devices.values())
+        lines += ["", f"Samples per device ({len(devices)} devices):"]
+        lines += [f"  {device:<40} {count:>8}" for device, count in sorted(devices.items())]
+        if unnamed:
+            lines.append(f"  {'(not recorded)':<40} {unnamed:>8}")
     per_config = count_by(result.samples, ["config"]).sort("config")
     lines += ["", f"Samples per configuration ({per_config.height} configurations):"]
     rows = [f"{config:<16}{count:>6}" for config, count in per_config.iter_rows()]

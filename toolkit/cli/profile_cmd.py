@@ -96,6 +96,38 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
 @click.option(
     "--gzip", "use_gzip", is_flag=True, help="Write .json.gz files (the loader reads both)."
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="local|auto|ADDRESS",
+    help="Run the sweep on Ray (needs `pip install 'latkit[ray]'`): 'local' starts Ray on "
+    "this machine (CPU: --workers x --threads CPUs; GPU: one worker per GPU), 'auto' joins "
+    "the running cluster, ADDRESS is host:port or ray://host:port. One ProfileWorker actor "
+    "per GPU (or per --threads CPUs); same files as without --ray.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="With --ray: number of ProfileWorker actors (default: one per GPU; on CPUs, the "
+    "cluster's CPUs / --threads).",
+)
+@click.option(
+    "--allow-mixed-devices",
+    is_flag=True,
+    help="With --ray: accept workers on different devices (refused by default) and record "
+    "each sample's device in metadata.device.",
+)
+@click.option(
+    "--canary-every",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Every N samples each worker re-times a fixed canary sample; its time against the "
+    "worker's first canary is stored per sample (metadata.speed_factor) and summarised "
+    "in logs/run.json.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @verbose_option
 def profile_command(
@@ -114,6 +146,10 @@ def profile_command(
     seed: int,
     resume: bool,
     use_gzip: bool,
+    ray_address: str | None,
+    workers: int | None,
+    allow_mixed_devices: bool,
+    canary_every: int | None,
     no_progress: bool,
     verbose: bool,
 ) -> None:
@@ -128,9 +164,13 @@ def profile_command(
     Example (the bundled small sweep: 675 files, about 45 minutes on one CPU thread):
       latkit profile --preset small --output-dir data/core_exp_small_cpu \\
           --samples-per-config 3 --repeats 2 --gzip
+    On a Ray cluster of GPUs (one ProfileWorker per GPU, lost workers replaced):
+      latkit profile --ray auto --preset molmoe-1b --device cuda --dtype bfloat16 \\
+          --output-dir results/core_exp_h100
     """
     from toolkit.profiler import (
         ProfileSettings,
+        make_ray_settings,
         parse_datasets,
         parse_int_list,
         parse_tiers,
@@ -155,11 +195,20 @@ def profile_command(
         resume=resume,
         gzip=use_gzip,
         progress=not no_progress,
+        canary_every=canary_every,
+        ray=make_ray_settings(ray_address, workers, allow_mixed_devices),
     )
     report = run_profile(settings)
     state = "stopped early (rerun with --resume)" if report.stopped_early else "done"
+    on_ray = ""
+    if report.engine == "ray":
+        on_ray = (
+            f" on Ray ({report.workers} workers, {report.restarts} restarts, start-up "
+            f"{report.startup_s:.1f} s)"
+        )
     click.echo(
-        f"profile {state}: {report.files_written} files written, {report.files_skipped} "
-        f"skipped, {report.files_remaining} left, {report.samples_measured} samples in "
-        f"{report.elapsed_s / 60:.1f} min -> {report.output_dir} (log: {report.log_path})"
+        f"profile {state}{on_ray}: {report.files_written} files written, "
+        f"{report.files_skipped} skipped, {report.files_remaining} left, "
+        f"{report.samples_measured} samples in {report.elapsed_s / 60:.1f} min -> "
+        f"{report.output_dir} (log: {report.log_path})"
     )

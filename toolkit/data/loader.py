@@ -73,12 +73,16 @@ _REQUIRED_FIELDS: Final[tuple[str, ...]] = (
 )
 
 _REASON: Final[str] = "_latkit_skip_reason"
+#: The part of a sample's ``metadata`` object that latkit reads: the device that measured it
+#: (``latkit profile --ray --allow-mixed-devices`` writes it).
+_METADATA_STRUCT: Final[pl.DataType] = pl.Struct({"device": pl.String})
 _RAW_SAMPLE_STRUCT: Final[pl.DataType] = pl.Struct(
     {
         "tier": pl.String,
         **{name: _I for name in _SAMPLE_INT_FIELDS},
         **{name: _F for name in _SAMPLE_TIME_FIELDS},
         "T_decode_per_step": pl.List(pl.List(_F)),
+        "metadata": _METADATA_STRUCT,
         # Filled only by the tolerant reader: why it could not use a record.
         _REASON: pl.String,
     }
@@ -113,6 +117,7 @@ SAMPLE_SCHEMA: Final[dict[str, pl.DataType]] = {
     "T_total": _F(),
     "T_decode_per_token": _F(),
     "T_prefill_total": _F(),
+    "device": pl.String(),
 }
 #: Columns of the steps frame (one row per decode pass).
 STEP_SCHEMA: Final[dict[str, pl.DataType]] = {
@@ -125,7 +130,7 @@ STEP_SCHEMA: Final[dict[str, pl.DataType]] = {
 _RANK_FILE = re.compile(r"^(?P<stem>.+)_rank\d+\.json(?:\.gz)?$")
 _CHUNK_FILES: Final[int] = 64
 #: Bump when the raw frame layout changes: old cache entries are then ignored.
-_CACHE_VERSION: Final[int] = 1
+_CACHE_VERSION: Final[int] = 2
 #: Warn loudly when the outlier rules drop more than this fraction of valid samples.
 _OUTLIER_WARN_FRACTION: Final[float] = 0.03
 
@@ -278,6 +283,7 @@ def _coerce_file(document: Any) -> pl.DataFrame | None:
                 reason = reason or "bad_T_decode_per_step"
             else:
                 record["T_decode_per_step"] = cleaned
+        record["metadata"] = _coerce_metadata(raw.get("metadata"))
         record[_REASON] = reason
         samples.append(record)
     file_fields: dict[str, Any] = {}
@@ -296,6 +302,13 @@ def _coerce_file(document: Any) -> pl.DataFrame | None:
         pl.lit(file_fields["num_active_blocks"], dtype=_I).alias("num_active_blocks"),
     )
     return frame
+
+
+def _coerce_metadata(metadata: Any) -> dict[str, Any]:
+    """The metadata fields latkit reads; anything unexpected is treated as absent (metadata
+    never makes a sample unusable)."""
+    device = metadata.get("device") if isinstance(metadata, dict) else None
+    return {"device": device if isinstance(device, str) else None}
 
 
 def _coerce_steps(steps: Any) -> list[list[float]] | None:
@@ -711,6 +724,7 @@ def _build_frames(
         pl.coalesce("T_decode_per_token", pl.col("_per_pass_ms")).alias("T_decode_per_token"),
         (pl.col("T_vision_total") + pl.col("T_LLM_prefill")).alias("T_prefill_total"),
         pl.col("sample_id").fill_null(-1),
+        pl.col("metadata").struct.field("device").alias("device"),
     )
     steps = (
         steps_all.join(usable.select("_row", "sample_key"), on="_row", how="inner")

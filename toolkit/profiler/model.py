@@ -132,6 +132,15 @@ def get_preset(name: str) -> ModelPreset:
         ) from None
 
 
+#: The transformers modules the model imports when it is built (a Ray worker can load them
+#: before it is needed: ``toolkit.profiler.ray_runner``).
+TRANSFORMERS_MODULES: tuple[str, ...] = (
+    "transformers.models.clip.modeling_clip",
+    "transformers.models.olmoe.modeling_olmoe",
+    "transformers.masking_utils",
+    "transformers.integrations.moe",
+)
+
 #: Name under which :func:`_routed_experts_forward` is registered with transformers.
 EXPERTS_IMPLEMENTATION = "latkit_routed"
 

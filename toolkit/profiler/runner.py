@@ -1,11 +1,17 @@
-"""The profiling sweep: every (configuration, dataset) measured and written as it finishes."""
+"""The profiling sweep: every (configuration, dataset) measured and written as it finishes.
+
+What a sweep is does not depend on where it runs: :class:`Sweep` plans it (which files,
+which drawn samples, what ``--resume`` skips), fixes the interleaved order of its samples,
+collects their timings, writes each file atomically once its samples are in, and keeps
+``logs/run.json``. Two engines feed it: :func:`run_profile` measures in this process, and
+``toolkit.profiler.ray_runner`` on the ``ProfileWorker`` actors of a Ray cluster.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -21,9 +27,19 @@ from toolkit import __version__
 from toolkit.atomic import write_json_atomic
 from toolkit.errors import LatkitError
 from toolkit.features import GRID_BLOCKS, GRID_TOP_K, TIERS
-from toolkit.profiler.datasets import draw_samples, parse_datasets
-from toolkit.profiler.model import MolmoELike, build_model, get_preset
-from toolkit.profiler.timing import SampleTiming, Timer
+from toolkit.profiler.datasets import SampleSpec, draw_samples, parse_datasets
+from toolkit.profiler.measure import (
+    DTYPES,
+    Measurer,
+    SampleTask,
+    TaskResult,
+    canary_summary,
+    device_info,
+    keep_freed_memory,
+    set_measuring_threads,
+)
+from toolkit.profiler.model import get_preset
+from toolkit.profiler.timing import SampleTiming
 from toolkit.profiler.writer import (
     dataset_dir_name,
     noise_records,
@@ -35,11 +51,18 @@ from toolkit.profiler.writer import (
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+
+@dataclass
+class RaySettings:
+    """Where a sweep runs on Ray (``latkit profile --ray``)."""
+
+    #: ``local`` (start Ray on this machine), ``auto`` (join the running cluster),
+    #: ``host:port`` or ``ray://host:port``.
+    address: str
+    #: ProfileWorker actors (default: one per GPU; on CPUs, the cluster's CPUs / threads).
+    workers: int | None = None
+    #: Accept workers that report different device names (recorded on every sample).
+    allow_mixed_devices: bool = False
 
 
 @dataclass
@@ -62,6 +85,10 @@ class ProfileSettings:
     resume: bool = False
     gzip: bool = False
     progress: bool = True
+    #: Re-time the canary every N samples per measuring process (None: no canary).
+    canary_every: int | None = None
+    #: Run on Ray (None: in this process).
+    ray: RaySettings | None = None
 
 
 @dataclass
@@ -75,6 +102,56 @@ class ProfileReport:
     elapsed_s: float
     noise: dict[str, Any]
     log_path: Path
+    engine: str = "single-process"
+    workers: int = 1
+    restarts: int = 0
+    startup_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One result file of the sweep: a (configuration, dataset) and its drawn samples."""
+
+    config_index: int
+    tier: str
+    top_k: int
+    blocks: int
+    dataset: str
+    specs: tuple[SampleSpec, ...]
+    path: Path
+
+    def task(self, job: int, index: int) -> SampleTask:
+        """Sample ``index`` of this file, as job number ``job`` of the plan."""
+        return SampleTask(
+            job=job,
+            index=index,
+            config=self.config_index,
+            top_k=self.top_k,
+            blocks=self.blocks,
+            spec=self.specs[index],
+            warm_spec=self.specs[0],
+        )
+
+
+#: The interleaved order of a sweep: per dataset, rounds of (job, sample index).
+Schedule = list[tuple[str, list[list[tuple[int, int]]]]]
+
+
+def make_ray_settings(
+    address: str | None, workers: int | None = None, allow_mixed_devices: bool = False
+) -> RaySettings | None:
+    """``--ray``, ``--workers`` and ``--allow-mixed-devices`` as one setting (None: no Ray)."""
+    if address is None:
+        for flag, given in (
+            ("--workers", workers is not None),
+            ("--allow-mixed-devices", allow_mixed_devices),
+        ):
+            if given:
+                raise LatkitError(f"{flag} needs --ray (local, auto or host:port)")
+        return None
+    if workers is not None and workers < 1:
+        raise LatkitError("--workers must be at least 1")
+    return RaySettings(address, workers, allow_mixed_devices)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -107,39 +184,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _device_info(device: torch.device) -> dict[str, Any]:
-    import os
-
-    info: dict[str, Any] = {
-        "type": device.type,
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def _versions() -> dict[str, str]:
-    import transformers
+    # The installed version, without importing transformers (seconds of CPU in a Ray driver,
+    # which never builds a model).
+    from importlib.metadata import version
 
     return {
         "latkit": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "numpy": np.__version__,
     }
 
@@ -161,30 +215,8 @@ def _validate(settings: ProfileSettings, num_layers: int, num_experts: int) -> N
         raise LatkitError("--repeats must be at least 1")
     if settings.threads is not None and settings.threads < 1:
         raise LatkitError("--threads must be at least 1")
-
-
-def _keep_freed_memory(keep: bool = True) -> bool:
-    """Ask glibc to keep freed memory instead of returning it to the OS (Linux only).
-
-    Without it every prefill maps its large activations afresh and pays page faults in the
-    kernel (a third of the CPU time of a tiny-model sweep, and most of its noise); a CUDA
-    run has its caching allocator for that. ``keep=False`` restores glibc's default
-    thresholds. Returns whether the setting took.
-    """
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # glibc caps the mmap threshold at 32 MiB on 64-bit systems; 128 KiB is its default.
-        mmap_ok = libc.mallopt(m_mmap_threshold, (32 << 20) if keep else (128 << 10))
-        trim_ok = libc.mallopt(m_trim_threshold, (1 << 30) if keep else (128 << 10))
-        return bool(mmap_ok) and bool(trim_ok)
-    except (OSError, AttributeError):
-        return False
+    if settings.canary_every is not None and settings.canary_every < 1:
+        raise LatkitError("--canary-every must be at least 1")
 
 
 def _configurations(settings: ProfileSettings) -> list[tuple[str, int, int]]:
@@ -201,59 +233,10 @@ def _settings_dict(settings: ProfileSettings) -> dict[str, Any]:
     return out
 
 
-def run_profile(
-    settings: ProfileSettings, clock: Callable[[], float] = time.monotonic
-) -> ProfileReport:
-    """Measure the model over the knob grid and write core-experiment files into output_dir.
-
-    ``clock`` measures elapsed time for ``--max-minutes`` and the log (tests replace it).
-    The process's torch thread count and allocator settings are restored afterwards.
-    """
-    preset = get_preset(settings.preset)
-    _validate(settings, preset.num_layers, preset.num_experts)
-    device = resolve_device(settings.device)
-    threads_before = torch.get_num_threads()
-    kept = False
-    try:
-        if device.type == "cpu":
-            # One thread by default: fewer contended cores give steadier timings, and the
-            # thread count is a measurement condition of its own.
-            torch.set_num_threads(settings.threads or 1)
-            kept = _keep_freed_memory(True)
-            log.debug("glibc keeps freed memory: %s", kept)
-        elif settings.threads:
-            torch.set_num_threads(settings.threads)
-        return _run(settings, device, clock)
-    finally:
-        torch.set_num_threads(threads_before)
-        if kept:
-            _keep_freed_memory(False)
-
-
-def _run(
-    settings: ProfileSettings, device: torch.device, clock: Callable[[], float]
-) -> ProfileReport:
-    from tqdm import tqdm
-
-    preset = get_preset(settings.preset)
-    dtype = DTYPES[settings.dtype]
-
-    out_dir = Path(settings.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "logs" / "run.json"
-    started = clock()
-    started_at = datetime.now(UTC).isoformat(timespec="seconds")
-
-    previous_records: dict[str, dict[str, list[float]]] = {}
-    if settings.resume and log_path.exists():
-        try:
-            previous_records = json.loads(log_path.read_text()).get("noise_records", {})
-        except (OSError, ValueError):
-            log.warning("could not read %s: noise records of earlier runs are lost", log_path)
-
-    # Plan the work first so that the progress bar knows the total.
+def plan_jobs(settings: ProfileSettings, out_dir: Path) -> tuple[list[Job], int]:
+    """The files to measure (in measuring order) and how many ``--resume`` skips."""
     suffix = ".json.gz" if settings.gzip else ".json"
-    plan = []
+    plan: list[Job] = []
     skipped = 0
     for config_index, (tier, top_k, blocks) in enumerate(_configurations(settings)):
         for dataset in settings.datasets:
@@ -271,157 +254,301 @@ def _run(
             ):
                 skipped += 1
                 continue
-            plan.append((config_index, tier, top_k, blocks, dataset, specs, path))
+            plan.append(Job(config_index, tier, top_k, blocks, dataset, tuple(specs), path))
+    return plan, skipped
 
-    log.info(
-        "Profiling preset %s on %s (%s, %d thread(s)): %d files to measure, %d already done",
-        preset.name,
-        device,
-        settings.dtype,
-        torch.get_num_threads(),
-        len(plan),
-        skipped,
-    )
-    model: MolmoELike = build_model(preset, device, dtype, seed=settings.seed)
-    timer = Timer(model, device, dtype)
-    records: dict[str, dict[str, list[float]]] = dict(previous_records)
 
-    def write_log(status: str, files_written: int) -> dict[str, Any]:
+def interleaved_schedule(plan: list[Job], seed: int) -> Schedule:
+    """The order samples are measured in, the same for every engine.
+
+    The files of one dataset are measured together, round by round (round j times sample j
+    of every configuration, in a fresh random order). On a shared machine the load drifts
+    over minutes; measuring one configuration after another would alias that drift with the
+    knobs (we saw top_k 12 "faster" than top_k 4), while interleaving spreads it evenly over
+    all configurations. A dataset's files are written as soon as its last round is done.
+    """
+    groups: dict[str, list[int]] = {}
+    for job_index, job in enumerate(plan):
+        groups.setdefault(job.dataset, []).append(job_index)
+    shuffle = np.random.default_rng([seed, 11])
+    schedule: Schedule = []
+    for dataset, job_indices in groups.items():
+        rounds = []
+        for round_index in range(max(len(plan[i].specs) for i in job_indices)):
+            order = shuffle.permutation(job_indices).tolist()
+            rounds.append([(i, round_index) for i in order if round_index < len(plan[i].specs)])
+        schedule.append((dataset, rounds))
+    return schedule
+
+
+def sample_metadata(result: TaskResult, device_name: str | None = None) -> dict[str, Any]:
+    """The ``metadata`` a sample carries: its device (mixed-device sweeps) and speed factor."""
+    metadata: dict[str, Any] = {}
+    if device_name is not None:
+        metadata["device"] = device_name
+    if result.speed_factor is not None:
+        metadata["speed_factor"] = round(result.speed_factor, 5)
+    return metadata
+
+
+class Sweep:
+    """The bookkeeping both engines share: the plan and its interleaved schedule, the samples
+    measured so far (each (file, sample) kept once), the files (written atomically once all
+    their samples are in) and ``logs/run.json``.
+
+    An engine sets ``context`` (``device``, ``model``, ``engine``, optionally ``canary``)
+    before the first :meth:`write_log`.
+    """
+
+    def __init__(self, settings: ProfileSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.preset = get_preset(settings.preset)
+        self.clock = clock
+        self.out_dir = Path(settings.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out_dir / "logs" / "run.json"
+        self.started = clock()
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.records: dict[str, dict[str, list[float]]] = {}
+        if settings.resume and self.log_path.exists():
+            try:
+                self.records = json.loads(self.log_path.read_text()).get("noise_records", {})
+            except (OSError, ValueError):
+                log.warning(
+                    "could not read %s: noise records of earlier runs are lost", self.log_path
+                )
+        self.plan, self.skipped = plan_jobs(settings, self.out_dir)
+        self.schedule = interleaved_schedule(self.plan, settings.seed)
+        self.context: dict[str, Any] = {}
+        self.written = 0
+        self.measured = 0
+        self._results: dict[int, dict[int, tuple[SampleTiming, dict[str, Any]]]] = {}
+        self._written_jobs: set[int] = set()
+
+    @property
+    def total_samples(self) -> int:
+        return sum(len(job.specs) for job in self.plan)
+
+    def out_of_time(self) -> bool:
+        limit = self.settings.max_minutes
+        return limit is not None and self.clock() - self.started >= limit * 60
+
+    def add(self, result: TaskResult, metadata: dict[str, Any]) -> bool:
+        """Keep a measured sample; False (and ignored) if that sample is already in."""
+        held = self._results.setdefault(result.job, {})
+        if result.index in held or result.job in self._written_jobs:
+            return False
+        held[result.index] = (result.timing, metadata)
+        return True
+
+    def dataset_jobs(self, dataset: str) -> list[int]:
+        return [i for i, job in enumerate(self.plan) if job.dataset == dataset]
+
+    def dataset_complete(self, dataset: str) -> bool:
+        return all(
+            len(self._results.get(i, {})) == len(self.plan[i].specs)
+            for i in self.dataset_jobs(dataset)
+        )
+
+    def write_dataset(self, dataset: str) -> None:
+        """Write every file of a dataset whose samples are all in, then the log."""
+        for i in self.dataset_jobs(dataset):
+            job = self.plan[i]
+            held = self._results.pop(i)
+            timings = [held[index][0] for index in range(len(job.specs))]
+            metadata = [held[index][1] for index in range(len(job.specs))]
+            document = result_document(
+                job.tier, job.top_k, job.blocks, self.preset.num_layers, timings, metadata
+            )
+            write_result(job.path, document)
+            self.records[str(job.path.relative_to(self.out_dir))] = noise_records(timings)
+            self._written_jobs.add(i)
+            self.written += 1
+            self.measured += len(job.specs)
+        self.write_log("running")
+
+    def unwritten_samples(self) -> int:
+        """Samples measured for files that were not written (a stopped sweep discards them)."""
+        return sum(len(held) for held in self._results.values())
+
+    def progress_bar(self) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_samples,
+            unit="sample",
+            desc="profile",
+            file=sys.stderr,
+            disable=not self.settings.progress,
+            dynamic_ncols=True,
+        )
+
+    def show_progress(self, bar: Any, workers_alive: int | None = None) -> None:
+        """Files done (and workers alive) beside the samples count and ETA of the bar."""
+        text = f"files {self.written}/{len(self.plan)}"
+        if workers_alive is not None:
+            text += f", workers {workers_alive}"
+        bar.set_postfix_str(text, refresh=False)
+
+    def write_log(self, status: str) -> dict[str, Any]:
         merged: dict[str, list[float]] = {}
-        for per_file in records.values():
+        for per_file in self.records.values():
             for key, values in per_file.items():
                 merged.setdefault(key, []).extend(values)
         noise = noise_summary(merged) if merged else {}
-        write_json_atomic(
-            log_path,
-            {
-                "status": status,
-                "started_at": started_at,
-                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "elapsed_s": round(clock() - started, 1),
-                "command": sys.argv,
-                "settings": _settings_dict(settings),
-                "versions": _versions(),
-                "device": _device_info(device),
-                "model": {
-                    "preset": preset.to_dict(),
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "experts_implementation": model.config._experts_implementation,
-                    "attention_implementation": "sdpa",
-                },
-                "files": {
-                    "planned": len(plan),
-                    "written": files_written,
-                    "skipped_existing": skipped,
-                },
-                "noise_floor": noise,
-                "noise_records": records,
+        context = dict(self.context)
+        document: dict[str, Any] = {
+            "status": status,
+            "started_at": self.started_at,
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "elapsed_s": round(self.clock() - self.started, 1),
+            "command": sys.argv,
+            "settings": _settings_dict(self.settings),
+            "versions": _versions(),
+            "device": context.pop("device", {}),
+            "model": context.pop("model", {}),
+            **context,
+            "files": {
+                "planned": len(self.plan),
+                "written": self.written,
+                "skipped_existing": self.skipped,
             },
-            indent=None,
-        )
+            "noise_floor": noise,
+            "noise_records": self.records,
+        }
+        write_json_atomic(self.log_path, document, indent=None)
         return noise
 
-    write_log("running", 0)
-    total_samples = sum(len(item[5]) for item in plan)
-    written = 0
-    measured = 0
+    def finish(self, stopped: bool) -> ProfileReport:
+        """Write the final log, say how it ended, and report."""
+        settings = self.settings
+        discarded = self.unwritten_samples()
+        if discarded:
+            log.warning(
+                "Discarded %d samples of an unfinished dataset (no partial files).", discarded
+            )
+        remaining = len(self.plan) - self.written
+        if stopped:
+            status = f"stopped: --max-minutes {settings.max_minutes} reached"
+            log.warning(
+                "Stopped after %.1f min (--max-minutes %s): %d of %d files written, %d left; "
+                "rerun with --resume to finish.",
+                (self.clock() - self.started) / 60,
+                settings.max_minutes,
+                self.written,
+                len(self.plan),
+                remaining,
+            )
+        else:
+            status = "complete"
+        noise = self.write_log(status)
+        if settings.repeats < 2:
+            log.info("Noise floor: not measured (it needs --repeats 2 or more)")
+        elif noise:
+            log.info(
+                "Noise floor (median relative spread of %d repeats): prefill total %.2f %%, "
+                "decode pass %.2f %%",
+                settings.repeats,
+                noise.get("prefill_total_spread", {}).get("median_pct", float("nan")),
+                noise.get("decode_pass_spread", {}).get("median_pct", float("nan")),
+            )
+        return ProfileReport(
+            output_dir=self.out_dir,
+            files_written=self.written,
+            files_skipped=self.skipped,
+            files_remaining=remaining,
+            samples_measured=self.measured,
+            stopped_early=stopped,
+            elapsed_s=self.clock() - self.started,
+            noise=noise,
+            log_path=self.log_path,
+        )
+
+
+def run_profile(
+    settings: ProfileSettings, clock: Callable[[], float] = time.monotonic
+) -> ProfileReport:
+    """Measure the model over the knob grid and write core-experiment files into output_dir.
+
+    With ``settings.ray`` the sweep runs on a Ray cluster (``toolkit.profiler.ray_runner``),
+    else in this process. ``clock`` measures elapsed time for ``--max-minutes`` and the log
+    (tests replace it). The process's torch thread count and allocator settings are
+    restored afterwards.
+    """
+    preset = get_preset(settings.preset)
+    _validate(settings, preset.num_layers, preset.num_experts)
+    if settings.ray is not None:
+        from toolkit.profiler.ray_runner import run_profile_ray
+
+        return run_profile_ray(settings, clock)
+    device = resolve_device(settings.device)
+    threads_before = torch.get_num_threads()
+    kept = False
+    try:
+        kept = set_measuring_threads(device, settings.threads)
+        log.debug("glibc keeps freed memory: %s", kept)
+        return _run(settings, device, clock)
+    finally:
+        torch.set_num_threads(threads_before)
+        if kept:
+            keep_freed_memory(False)
+
+
+def _run(
+    settings: ProfileSettings, device: torch.device, clock: Callable[[], float]
+) -> ProfileReport:
+    """The single-process engine: this process measures the schedule in order."""
+    sweep = Sweep(settings, clock)
+    log.info(
+        "Profiling preset %s on %s (%s, %d thread(s)): %d files to measure, %d already done",
+        sweep.preset.name,
+        device,
+        settings.dtype,
+        torch.get_num_threads(),
+        len(sweep.plan),
+        sweep.skipped,
+    )
+    measurer = Measurer(
+        settings.preset,
+        str(device),
+        settings.dtype,
+        settings.seed,
+        settings.repeats,
+        settings.canary_every,
+    )
+    sweep.context = {
+        "device": device_info(device),
+        "model": measurer.model_info(),
+        "engine": {"name": "single-process"},
+    }
+
+    def note_canary() -> None:
+        if settings.canary_every:
+            summary = {"worker": "local", **canary_summary(measurer.canaries_ms)}
+            sweep.context["canary"] = {"every": settings.canary_every, "workers": [summary]}
+
+    sweep.write_log("running")
     stopped = False
-    discarded = 0
-    warmed: set[int] = set()
-    # Interleaved schedule: the files of one dataset are measured together, round by round
-    # (round j times sample j of every configuration, in a fresh random order). On a shared
-    # machine the load drifts over minutes; measuring one configuration after another would
-    # alias that drift with the knobs (we saw top_k 12 "faster" than top_k 4), while
-    # interleaving spreads it evenly over all configurations. A dataset's files are written
-    # as soon as its last round is done.
-    groups: dict[str, list[int]] = {}
-    for job_index, job in enumerate(plan):
-        groups.setdefault(job[4], []).append(job_index)
-    shuffle = np.random.default_rng([settings.seed, 11])
-
-    def out_of_time() -> bool:
-        limit = settings.max_minutes
-        return limit is not None and clock() - started >= limit * 60
-
-    with tqdm(
-        total=total_samples,
-        unit="sample",
-        desc="profile",
-        file=sys.stderr,
-        disable=not settings.progress,
-        dynamic_ncols=True,
-    ) as bar:
-        for job_indices in groups.values():
-            if out_of_time():
+    with sweep.progress_bar() as bar:
+        for dataset, rounds in sweep.schedule:
+            if sweep.out_of_time():
                 stopped = True
                 break
-            timings: dict[int, list[SampleTiming]] = {i: [] for i in job_indices}
-            rounds = max(len(plan[i][5]) for i in job_indices)
-            for round_index in range(rounds):
-                if round_index > 0 and out_of_time():
+            for round_index, units in enumerate(rounds):
+                if round_index > 0 and sweep.out_of_time():
                     stopped = True
-                    discarded = sum(len(t) for t in timings.values())
                     break
-                for i in shuffle.permutation(job_indices).tolist():
-                    config_index, _tier, top_k, blocks, _dataset, specs, _path = plan[i]
-                    if round_index >= len(specs):
-                        continue
-                    model.set_top_k(top_k)
-                    if config_index not in warmed:
-                        timer.warm_up(specs[0], blocks)
-                        warmed.add(config_index)
-                    spec = specs[round_index]
-                    timings[i].append(timer.time_sample(spec, blocks, settings.repeats))
+                for job, index in units:
+                    result = measurer.measure(sweep.plan[job].task(job, index))
+                    sweep.add(result, sample_metadata(result))
                     bar.update(1)
             if stopped:
                 break
-            for i in job_indices:
-                _config_index, tier, top_k, blocks, _dataset, specs, path = plan[i]
-                document = result_document(tier, top_k, blocks, preset.num_layers, timings[i])
-                write_result(path, document)
-                records[str(path.relative_to(out_dir))] = noise_records(timings[i])
-                written += 1
-                measured += len(specs)
-            write_log("running", written)
-
-    if discarded:
-        log.warning("Discarded %d samples of an unfinished dataset (no partial files).", discarded)
-    remaining = len(plan) - written
-    if stopped:
-        status = f"stopped: --max-minutes {settings.max_minutes} reached"
-        log.warning(
-            "Stopped after %.1f min (--max-minutes %s): %d of %d files written, %d left; "
-            "rerun with --resume to finish.",
-            (clock() - started) / 60,
-            settings.max_minutes,
-            written,
-            len(plan),
-            remaining,
-        )
-    else:
-        status = "complete"
-    noise = write_log(status, written)
-    if settings.repeats < 2:
-        log.info("Noise floor: not measured (it needs --repeats 2 or more)")
-    elif noise:
-        log.info(
-            "Noise floor (median relative spread of %d repeats): prefill total %.2f %%, "
-            "decode pass %.2f %%",
-            settings.repeats,
-            noise.get("prefill_total_spread", {}).get("median_pct", float("nan")),
-            noise.get("decode_pass_spread", {}).get("median_pct", float("nan")),
-        )
-    return ProfileReport(
-        output_dir=out_dir,
-        files_written=written,
-        files_skipped=skipped,
-        files_remaining=remaining,
-        samples_measured=measured,
-        stopped_early=stopped,
-        elapsed_s=clock() - started,
-        noise=noise,
-        log_path=log_path,
-    )
+            note_canary()
+            sweep.write_dataset(dataset)
+            sweep.show_progress(bar)
+    note_canary()
+    return sweep.finish(stopped)
 
 
 def _grid_ordinal(tier: str, top_k: int, blocks: int) -> int:

@@ -27,8 +27,17 @@ class SampleTiming:
     def vision_tokens(self) -> int:
         return (self.spec.num_crops + 1) * VISION_TOKENS_PER_CROP
 
-    def to_sample(self, tier: str, top_k: int, num_active_blocks: int) -> dict[str, object]:
-        """One ``per_sample_results`` entry of the core-experiment format."""
+    def to_sample(
+        self,
+        tier: str,
+        top_k: int,
+        num_active_blocks: int,
+        metadata: dict[str, object] | None = None,
+    ) -> dict[str, object]:
+        """One ``per_sample_results`` entry of the core-experiment format.
+
+        ``metadata`` (e.g. ``device``, ``speed_factor``) goes into the sample's ``metadata``.
+        """
         spec = self.spec
         passes = spec.output_tokens - 1
         decode_totals = [
@@ -52,7 +61,7 @@ class SampleTiming:
             # Random weights: there is no meaningful answer to score.
             "accuracy": 0.0,
             "pred": "",
-            "metadata": {},
+            "metadata": dict(metadata or {}),
             "T_vision_total": _ms(statistics.median(self.vision_runs)),
             "T_LLM_prefill": _ms(statistics.median(self.prefill_runs)),
             "T_LLM_decode": _ms(t_decode),

@@ -46,8 +46,14 @@ def result_document(
     num_active_blocks: int,
     num_total_blocks: int,
     timings: Sequence[SampleTiming],
+    metadata: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    samples = [timing.to_sample(tier, top_k, num_active_blocks) for timing in timings]
+    """One result file; ``metadata[i]`` (if given) is sample i's ``metadata`` object."""
+    extras = metadata if metadata is not None else [{}] * len(timings)
+    samples = [
+        timing.to_sample(tier, top_k, num_active_blocks, extra)
+        for timing, extra in zip(timings, extras, strict=True)
+    ]
     low, high = TIER_CROP_RANGE[tier]
     return {
         "tier": tier,

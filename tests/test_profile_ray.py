@@ -1,0 +1,292 @@
+"""``latkit profile --ray``: the same sweep as one process, exactly once through lost workers
+and a killed driver, one device kind per results tree.
+
+Ray starts once for the module (2 CPUs, like CI's machine); every sweep reuses it with 2
+``ProfileWorker`` actors of 1 thread each, on the tiny preset. Skipped where Ray is not
+installed (``pip install 'latkit[ray]'``; CI installs it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import main
+from toolkit.errors import LatkitError
+from toolkit.profiler import ProfileSettings, RaySettings, run_profile
+from toolkit.profiler import ray_runner as ray_runner_module
+from toolkit.profiler.measure import DEVICE_NAME_ENV
+from toolkit.profiler.ray_runner import RayDriver, run_profile_ray
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+TIMES = {
+    "T_vision_total",
+    "T_LLM_prefill",
+    "T_LLM_decode",
+    "T_total",
+    "T_decode_per_token",
+    "T_decode_per_step",
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """One local Ray runtime (2 CPUs) for the module; the sweeps reuse it and leave it up."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+def _settings(out: Path, on_ray: bool = True, **overrides: Any) -> ProfileSettings:
+    settings = ProfileSettings(
+        output_dir=out,
+        datasets=["tally_qa", "doc_qa"],
+        tiers=["low"],
+        top_k=[4, 12],
+        blocks=[8],
+        samples_per_config=2,
+        repeats=1,
+        seed=5,
+        progress=False,
+        ray=RaySettings("local", workers=2) if on_ray else None,
+    )
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def _read(path: Path) -> dict[str, Any]:
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    doc: dict[str, Any] = json.loads(raw)
+    return doc
+
+
+def _files(root: Path) -> dict[str, dict[str, Any]]:
+    return {
+        f"{p.parent.name}/{p.name}": _read(p)
+        for p in sorted(root.glob("*/*"))
+        if p.parent.name != "logs" and p.name.endswith((".json", ".json.gz"))
+    }
+
+
+def _keys(root: Path) -> Counter[tuple[str, str, int, int]]:
+    """(dataset, tier, top_k, blocks, sample_id) of every sample on disk, counted."""
+    keys: Counter[tuple[str, str, int, int]] = Counter()
+    for name, doc in _files(root).items():
+        for sample in doc["per_sample_results"]:
+            keys[(name.split("/")[0], doc["tier"], doc["top_k"], sample["sample_id"])] += 1
+            assert sample["num_active_blocks"] == doc["num_active_blocks"]
+    return keys
+
+
+def _without_times(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k != "latency_stats"}
+    out["per_sample_results"] = [
+        {k: v for k, v in s.items() if k not in TIMES} for s in doc["per_sample_results"]
+    ]
+    return out
+
+
+def _run_log(root: Path) -> dict[str, Any]:
+    log: dict[str, Any] = json.loads((root / "logs" / "run.json").read_text())
+    return log
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_ray_sweep_writes_what_one_process_writes(ray_address: str, tmp_path: Path) -> None:
+    single = run_profile(_settings(tmp_path / "single", on_ray=False))
+    titles: list[str] = []
+
+    def look(driver: RayDriver) -> None:
+        if not titles:
+            titles.extend(_cmdline(pid) for pid in driver.worker_pids())
+
+    report = run_profile_ray(_settings(tmp_path / "ray"), on_result=look)
+    assert (report.engine, report.workers, report.restarts) == ("ray", 2, 0)
+    assert report.files_written == single.files_written == 4
+    assert report.startup_s > 0
+
+    one, many = _files(tmp_path / "single"), _files(tmp_path / "ray")
+    assert sorted(one) == sorted(many)  # same names: same drawn crops
+    for name in one:
+        # Same fields, sample ids, token counts and crops; only the times differ.
+        assert _without_times(one[name]) == _without_times(many[name]), name
+        assert set(many[name]["latency_stats"]) == set(one[name]["latency_stats"])
+    keys = _keys(tmp_path / "ray")
+    assert keys == _keys(tmp_path / "single") and set(keys.values()) == {1}
+
+    assert len(titles) == 2 and all(t.startswith("ray::ProfileWorker") for t in titles), titles
+    log = _run_log(tmp_path / "ray")
+    assert log["status"] == "complete"
+    engine = log["engine"]
+    assert engine["name"] == "ray" and engine["cluster_resources"]["CPU"] == 2
+    assert engine["restarts"] == 0 and engine["startup_s"] > 0 and engine["wall_s"] > 0
+    assert len(engine["workers"]) == 2
+    for worker in engine["workers"]:
+        assert worker["host"] and worker["device_name"] and worker["torch"]
+        assert "cuda" in worker and worker["torch_threads"] == 1
+    assert sum(w["samples"] for w in engine["workers"]) == 8
+    assert log["device"]["type"] == "cpu" and log["model"]["parameters"] > 0
+
+
+def test_sigkilled_worker_costs_nothing(ray_address: str, tmp_path: Path) -> None:
+    """A ProfileWorker process killed mid-sweep: its samples run again elsewhere, once."""
+    killed: list[tuple[int, str]] = []
+
+    def kill_one(driver: RayDriver) -> None:
+        if not killed and driver.results_done >= 2:
+            pid = driver.worker_pids()[0]
+            killed.append((pid, _cmdline(pid)))
+            os.kill(pid, signal.SIGKILL)
+
+    settings = _settings(tmp_path, samples_per_config=3)
+    report = run_profile_ray(settings, on_result=kill_one)
+    assert killed and killed[0][1].startswith("ray::ProfileWorker")
+    assert report.restarts == 1 and not report.stopped_early
+    assert report.files_written == 4 and report.samples_measured == 12
+
+    keys = _keys(tmp_path)
+    assert len(keys) == 12 and set(keys.values()) == {1}
+    assert keys == _keys_of_single_plan(tmp_path / "plan", settings)
+    engine = _run_log(tmp_path)["engine"]
+    assert engine["restarts"] == 1
+    event = engine["restart_events"][0]
+    assert event["requeued_samples"] >= 1 and event["worker"] == "w0"
+    states = {w["worker"]: w["state"] for w in engine["workers"]}
+    assert states["w0"] == "lost" and states["w0.1"] == "stopped"
+
+
+def _keys_of_single_plan(
+    out: Path, settings: ProfileSettings
+) -> Counter[tuple[str, str, int, int]]:
+    """The keys a single-process sweep of the same settings writes (drawn, not timed)."""
+    from toolkit.profiler.runner import plan_jobs
+    from toolkit.profiler.writer import dataset_dir_name
+
+    plan, _ = plan_jobs(settings, out)
+    return Counter(
+        (dataset_dir_name(job.dataset), job.tier, job.top_k, spec.sample_id)
+        for job in plan
+        for spec in job.specs
+    )
+
+
+def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
+    """SIGKILL the driver (a CLI process on the module's cluster) once its first dataset is
+    written: only whole files remain, and --resume finishes the sweep, each sample once."""
+    out = tmp_path / "res"
+    args = [
+        "profile",
+        "--output-dir",
+        str(out),
+        "--datasets",
+        "tally_qa,coco_caption,doc_qa",
+        "--tiers",
+        "low",
+        "--top-k",
+        "4,12",
+        "--blocks",
+        "8,16",
+        "--samples-per-config",
+        "2",
+        "--repeats",
+        "1",
+        "--seed",
+        "5",
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    code = "from toolkit.cli import main; main()"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--ray", ray_address, "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while not list(out.glob("tally-qa/*.json")):
+            assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
+            assert time.monotonic() < deadline, "the driver wrote no file in 180 s"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    before = _files(out)
+    assert before and _run_log(out)["status"] == "running"
+    assert len(before) < 12, "the sweep finished before the driver was killed"
+    assert all(doc["num_samples"] == 2 for doc in before.values())  # whole files only
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-*/*.json")}
+    assert len(stamps) == len(before)
+
+    settings = _settings(
+        out,
+        datasets=["tally_qa", "coco_caption", "doc_qa"],
+        blocks=[8, 16],
+        resume=True,
+    )
+    report = run_profile(settings)
+    assert report.files_skipped == len(before)
+    assert report.files_written == 12 - len(before)
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    keys = _keys(out)
+    assert len(keys) == 24 and set(keys.values()) == {1}
+    assert _run_log(out)["status"] == "complete"
+
+
+def test_mixed_devices_refused_unless_allowed(
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two simulated GPU kinds: each actor gets its own LATKIT_DEVICE_NAME through Ray's
+    runtime_env, which the worker reports as its device name."""
+    options = ray_runner_module.worker_options
+
+    def simulated(slot: int, device_type: str, threads: int | None) -> dict[str, Any]:
+        env = {DEVICE_NAME_ENV: f"Simulated GPU {'AB'[slot % 2]}"}
+        return {**options(slot, device_type, threads), "runtime_env": {"env_vars": env}}
+
+    monkeypatch.setattr(ray_runner_module, "worker_options", simulated)
+    refused = tmp_path / "refused"
+    with pytest.raises(LatkitError, match=r"different devices.*--allow-mixed-devices"):
+        run_profile(_settings(refused, datasets=["tally_qa"]))
+    assert not _files(refused)
+
+    allowed = tmp_path / "allowed"
+    mixed = RaySettings("local", workers=2, allow_mixed_devices=True)
+    report = run_profile(_settings(allowed, datasets=["tally_qa"], ray=mixed))
+    assert report.files_written == 2
+    devices = Counter(
+        sample["metadata"]["device"]
+        for doc in _files(allowed).values()
+        for sample in doc["per_sample_results"]
+    )
+    assert set(devices) == {"Simulated GPU A", "Simulated GPU B"} and devices.total() == 4
+
+    result = CliRunner().invoke(main, ["inspect", "--results-dir", str(allowed), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples_per_device"] == dict(devices)
+    text = CliRunner().invoke(main, ["inspect", "--results-dir", str(allowed)]).stdout
+    assert "Samples per device" in text and "Simulated GPU" in text
