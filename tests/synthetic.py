@@ -225,3 +225,10 @@ def fit_small_model(
     return HybridLatencyModel(
         num_epochs=num_epochs, device="cpu", prefill_params=prefill_params
     ).fit(samples, loaded.steps)
+
+
+def read_result_file(path: Path) -> dict[str, Any]:
+    """A core-exp result document (.json or .json.gz) as a dict."""
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    doc: dict[str, Any] = json.loads(raw)
+    return doc

@@ -8,7 +8,6 @@ installed (``pip install 'latkit[ray]'``; CI installs it).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from synthetic import read_result_file
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
@@ -73,15 +73,9 @@ def _settings(out: Path, on_ray: bool = True, **overrides: Any) -> ProfileSettin
     return settings
 
 
-def _read(path: Path) -> dict[str, Any]:
-    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-    doc: dict[str, Any] = json.loads(raw)
-    return doc
-
-
 def _files(root: Path) -> dict[str, dict[str, Any]]:
     return {
-        f"{p.parent.name}/{p.name}": _read(p)
+        f"{p.parent.name}/{p.name}": read_result_file(p)
         for p in sorted(root.glob("*/*"))
         if p.parent.name != "logs" and p.name.endswith((".json", ".json.gz"))
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import statistics
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from synthetic import read_result_file
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
@@ -83,12 +83,6 @@ def _small(tmp: Path, **overrides: Any) -> ProfileSettings:
     for key, value in overrides.items():
         setattr(settings, key, value)
     return settings
-
-
-def _read(path: Path) -> dict[str, Any]:
-    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-    doc: dict[str, Any] = json.loads(raw)
-    return doc
 
 
 def _result_files(root: Path) -> list[Path]:
@@ -218,7 +212,7 @@ def test_files_follow_the_format(profiled: Path) -> None:
     assert any(n.startswith("tally-qa_imgsizetier-low_crops") for n in names)
     assert all(n.endswith(("_topk4_blocks8.json", "_topk4_blocks10.json")) for n in names)
     for path in files:
-        doc = _read(path)
+        doc = read_result_file(path)
         assert set(doc) == FILE_FIELDS
         assert f"_crops{round(doc['selected_crops_mean'])}_" in path.name
         assert doc["num_samples"] == len(doc["per_sample_results"]) == 2
@@ -247,7 +241,7 @@ def test_loader_reads_profile_output_without_skips(profiled: Path) -> None:
     passes = sum(
         len(s["T_decode_per_step"])
         for p in _result_files(profiled)
-        for s in _read(p)["per_sample_results"]
+        for s in read_result_file(p)["per_sample_results"]
     )
     assert result.steps.height == passes
 
@@ -343,7 +337,9 @@ def test_cli_ray_flags_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_canary_speed_factor_on_every_sample(tmp_path: Path) -> None:
     report = run_profile(_small(tmp_path, repeats=1, canary_every=3))
-    samples = [s for p in _result_files(tmp_path) for s in _read(p)["per_sample_results"]]
+    samples = [
+        s for p in _result_files(tmp_path) for s in read_result_file(p)["per_sample_results"]
+    ]
     assert report.samples_measured == len(samples) == 8
     factors = [s["metadata"]["speed_factor"] for s in samples]
     assert all(f > 0 for f in factors)
