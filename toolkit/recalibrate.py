@@ -77,9 +77,33 @@ def fit_calibration(model: HybridLatencyModel, calibration: pl.DataFrame) -> Cal
     """Per-stage affine maps from the source model's predictions to the target's times."""
     if calibration.height == 0:
         return Calibration(method="affine", n_samples=0)
-    source = model.uncalibrated()
-    predicted = source.predict_frame(calibration)
-    prefill_true = calibration["T_prefill_total"].to_numpy().astype(np.float64)
+    predicted = model.uncalibrated().predict_frame(calibration)
+    return _affine_maps(predicted, _Targets.of(calibration))
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """The measured times of calibration samples, as arrays."""
+
+    prefill_ms: np.ndarray
+    decode_total_ms: np.ndarray
+    passes: np.ndarray  # decode passes measured
+
+    @classmethod
+    def of(cls, samples: pl.DataFrame) -> _Targets:
+        return cls(
+            samples["T_prefill_total"].to_numpy().astype(np.float64),
+            samples["T_LLM_decode"].to_numpy().astype(np.float64),
+            samples["n_decode_passes"].to_numpy().astype(np.float64),
+        )
+
+    def subset(self, keep: np.ndarray) -> _Targets:
+        return _Targets(self.prefill_ms[keep], self.decode_total_ms[keep], self.passes[keep])
+
+
+def _affine_maps(predicted: dict[str, np.ndarray], targets: _Targets) -> Calibration:
+    """``fit_calibration`` given the source model's predictions of the samples."""
+    prefill_true = targets.prefill_ms
     prefill_scale, prefill_offset = _affine_fit(
         predicted["prefill_ms"], prefill_true, np.ones_like(prefill_true)
     )
@@ -87,12 +111,12 @@ def fit_calibration(model: HybridLatencyModel, calibration: pl.DataFrame) -> Cal
         prefill_scale, prefill_offset = _affine_fit(
             predicted["prefill_ms"], prefill_true, np.zeros_like(prefill_true)
         )
-    passes = calibration["n_decode_passes"].to_numpy().astype(np.float64)
+    passes = targets.passes
     has_passes = passes > 0
     decode_scale, decode_offset = 1.0, 0.0
     if has_passes.any():
         total_pred = predicted["decode_total_ms"][has_passes]
-        total_true = calibration["T_LLM_decode"].to_numpy().astype(np.float64)[has_passes]
+        total_true = targets.decode_total_ms[has_passes]
         decode_scale, decode_offset = _affine_fit(total_pred, total_true, passes[has_passes])
         mean_pass = total_pred / passes[has_passes]
         if decode_scale * mean_pass.min() + decode_offset <= 0:
@@ -106,28 +130,40 @@ def fit_calibration(model: HybridLatencyModel, calibration: pl.DataFrame) -> Cal
         decode_pass_scale=decode_scale,
         decode_pass_offset_ms=decode_offset,
         method="affine",
-        n_samples=calibration.height,
+        n_samples=int(prefill_true.size),
     )
 
 
 def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> ConformalBounds:
     """Conformal bounds of the recalibrated model from leave-one-out scores on ``calibration``
-    (see the module docstring)."""
+    (see the module docstring). The source model predicts the samples once; each left-out
+    sample's prediction is that prediction through the map fitted on the others."""
     n = calibration.height
+    if n == 0:
+        return ConformalBounds()
+    source = model.uncalibrated().predict_frame(calibration)
+    targets = _Targets.of(calibration)
+    # Passes of the prediction: N output tokens give N - 1 (as HybridLatencyModel.predict).
+    predicted_passes = np.clip(
+        calibration["output_tokens"].to_numpy().astype(np.float64) - 1, 0, None
+    )
     prefill_pred = np.empty(n)
     total_pred = np.empty(n)
     for i in range(n):
         keep = np.ones(n, dtype=bool)
         keep[i] = False
-        others = calibration.filter(pl.Series(keep))
-        left_out = calibration[i : i + 1]
-        predicted = model.with_calibration(fit_calibration(model, others)).predict_frame(left_out)
-        prefill_pred[i] = predicted["prefill_ms"][0]
-        total_pred[i] = predicted["total_ms"][0]
-    prefill_true = calibration["T_prefill_total"].to_numpy().astype(np.float64)
-    total_true = prefill_true + calibration["T_LLM_decode"].to_numpy().astype(np.float64)
+        others = {name: values[keep] for name, values in source.items()}
+        cal = _affine_maps(others, targets.subset(keep))
+        prefill_pred[i] = cal.prefill(source["prefill_ms"][i])
+        decode = cal.decode_total(source["decode_total_ms"][i], predicted_passes[i])
+        total_pred[i] = prefill_pred[i] + decode
+    total_true = targets.prefill_ms + targets.decode_total_ms
     return ConformalBounds.fit(
-        prefill_true, prefill_pred, total_true, total_pred, source="recalibration (leave-one-out)"
+        targets.prefill_ms,
+        prefill_pred,
+        total_true,
+        total_pred,
+        source="recalibration (leave-one-out)",
     )
 
 
