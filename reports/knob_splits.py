@@ -132,8 +132,8 @@ def score_split(
     result = train_on_frames(
         profiled, steps, seed=seed, num_epochs=num_epochs, log_epochs=False, model_params=params
     )
-    # train_on_frames' own seeded validation split: profiled samples the model never saw.
-    _, validation = split_samples(profiled, "sample", 0.2, seed)
+    # Its validation split: samples of profiled configurations the model never saw.
+    validation = result.validation
     return SplitScore(
         split,
         seed,

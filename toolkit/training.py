@@ -135,9 +135,13 @@ class TrainResult:
     model: HybridLatencyModel
     output_dir: Path | None
     n_train: int
-    n_val: int
+    validation: pl.DataFrame  # the held-out split: early stopping and validation metrics
     seconds: float
     validation_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_val(self) -> int:
+        return self.validation.height
 
 
 def _log_epoch(entry: EpochLog) -> None:
@@ -238,7 +242,7 @@ def train_on_frames(
         model=model,
         output_dir=out,
         n_train=train.height,
-        n_val=val.height,
+        validation=val,
         seconds=time.perf_counter() - started,
         validation_metrics=metrics,
     )
