@@ -26,7 +26,7 @@ PREFILL_MONOTONE: Final[tuple[int, ...]] = (1, 1, 0, 1, 1)
 GRID_TOP_K: Final[tuple[int, ...]] = (4, 6, 8, 10, 12)
 GRID_BLOCKS: Final[tuple[int, ...]] = (8, 10, 12, 14, 16)
 
-#: The prefill column of each controller bound: the mean, then the quantile heads.
+#: The prefill column of each controller bound: the mean, then the calibrated bounds.
 PREFILL_BOUND_COLUMNS: Final[dict[str, str]] = {
     "mean": "prefill_ms",
     "p50": "prefill_p50_ms",

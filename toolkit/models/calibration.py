@@ -4,8 +4,8 @@ The original study planned to move a latency model to a new GPU by fitting, per 
 ``target = a x source + b`` on a handful of calibration samples. We keep the source model
 untouched and store the two pairs of numbers beside it:
 
-- prefill: ``prefill' = a_p x prefill + b_p`` for the mean and every quantile head (a_p > 0
-  keeps their order and every monotone constraint);
+- prefill: ``prefill' = a_p x prefill + b_p`` before the bounds' factors apply (a_p > 0
+  keeps the bounds' order and every monotone constraint);
 - decode pass: ``pass'(k) = a_d x pass(k) + b_d``. Because the first basis function of the
   decode network is the constant 1, this is the coefficient map
   ``coef' = a_d x coef + b_d x e0``, so the decode total stays exact in O(1) and the exported
