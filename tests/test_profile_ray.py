@@ -251,6 +251,40 @@ def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
     assert _run_log(out)["status"] == "complete"
 
 
+def test_max_minutes_stops_between_datasets_and_resume_finishes(
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-minutes on Ray: a fake clock jumps 70 s per written file, so with a 1-minute
+    budget the driver stops once the first dataset's files are written; the samples still
+    queued on the workers are dropped (no partial file), and --resume on Ray finishes."""
+    from toolkit.profiler import runner as runner_module
+
+    now = [0.0]
+    write_result = runner_module.write_result
+
+    def slow_write(path: Path, document: dict[str, Any]) -> None:
+        write_result(path, document)
+        now[0] += 70.0
+
+    monkeypatch.setattr(runner_module, "write_result", slow_write)
+    settings = _settings(tmp_path, max_minutes=1.0)
+    report = run_profile_ray(settings, clock=lambda: now[0])
+    assert report.stopped_early and (report.files_written, report.files_remaining) == (2, 2)
+    first = _files(tmp_path)
+    assert len(first) == 2 and all(doc["num_samples"] == 2 for doc in first.values())
+    assert len({name.split("/")[0] for name in first}) == 1  # one whole dataset
+    log = _run_log(tmp_path)
+    assert log["status"].startswith("stopped: --max-minutes")
+    assert log["engine"]["name"] == "ray"
+
+    monkeypatch.setattr(runner_module, "write_result", write_result)
+    rest = run_profile_ray(_settings(tmp_path, resume=True))
+    assert (rest.files_skipped, rest.files_written, rest.stopped_early) == (2, 2, False)
+    keys = _keys(tmp_path)
+    assert keys == _keys_of_single_plan(tmp_path / "plan", settings)
+    assert set(keys.values()) == {1}
+
+
 def test_mixed_devices_refused_unless_allowed(
     ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -230,6 +230,9 @@ def test_files_follow_the_format(profiled: Path) -> None:
     assert run_log["status"] == "complete"
     assert run_log["noise_floor"]["prefill_total_spread"]["n"] == 8
     assert {"torch", "transformers", "latkit"} <= set(run_log["versions"])
+    # Start-up (planning + model build) is logged as the Ray engine logs it.
+    assert run_log["engine"]["name"] == "single-process"
+    assert 0 < run_log["engine"]["startup_s"] < run_log["elapsed_s"]
 
 
 def test_loader_reads_profile_output_without_skips(profiled: Path) -> None:

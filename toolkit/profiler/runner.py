@@ -516,10 +516,12 @@ def _run(
         settings.repeats,
         settings.canary_every,
     )
+    startup_s = clock() - sweep.started
     sweep.context = {
         "device": device_info(device),
         "model": measurer.model_info(),
-        "engine": {"name": "single-process"},
+        # Start-up as the Ray engine counts it: from planning until the model is built.
+        "engine": {"name": "single-process", "startup_s": round(startup_s, 2)},
     }
 
     def note_canary() -> None:
@@ -548,7 +550,7 @@ def _run(
             sweep.write_dataset(dataset)
             sweep.show_progress(bar)
     note_canary()
-    return sweep.finish(stopped)
+    return dataclasses.replace(sweep.finish(stopped), startup_s=startup_s)
 
 
 def _grid_ordinal(tier: str, top_k: int, blocks: int) -> int:
