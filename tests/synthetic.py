@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pytest
 
 TIERS = ("low", "medium", "high")
 TIER_CROPS = {"low": (1, 3), "medium": (4, 8), "high": (9, 15)}
@@ -232,3 +235,21 @@ def read_result_file(path: Path) -> dict[str, Any]:
     raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     doc: dict[str, Any] = json.loads(raw)
     return doc
+
+
+def clock_advancing_per_file(
+    monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> Callable[[], float]:
+    """A ``clock`` for ``run_profile`` that jumps ``seconds`` each time the profiler writes a
+    result file (``--max-minutes`` tests stop a sweep between files without waiting)."""
+    from toolkit.profiler import runner
+
+    now = [0.0]
+    write_result = runner.write_result
+
+    def slow_write(path: Path, document: dict[str, Any]) -> None:
+        write_result(path, document)
+        now[0] += seconds
+
+    monkeypatch.setattr(runner, "write_result", slow_write)
+    return lambda: now[0]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from synthetic import read_result_file
+from synthetic import clock_advancing_per_file, read_result_file
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
@@ -257,18 +257,8 @@ def test_max_minutes_stops_between_datasets_and_resume_finishes(
     """--max-minutes on Ray: a fake clock jumps 70 s per written file, so with a 1-minute
     budget the driver stops once the first dataset's files are written; the samples still
     queued on the workers are dropped (no partial file), and --resume on Ray finishes."""
-    from toolkit.profiler import runner as runner_module
-
-    now = [0.0]
-    write_result = runner_module.write_result
-
-    def slow_write(path: Path, document: dict[str, Any]) -> None:
-        write_result(path, document)
-        now[0] += 70.0
-
-    monkeypatch.setattr(runner_module, "write_result", slow_write)
     settings = _settings(tmp_path, max_minutes=1.0)
-    report = run_profile_ray(settings, clock=lambda: now[0])
+    report = run_profile_ray(settings, clock=clock_advancing_per_file(monkeypatch, 70.0))
     assert report.stopped_early and (report.files_written, report.files_remaining) == (2, 2)
     first = _files(tmp_path)
     assert len(first) == 2 and all(doc["num_samples"] == 2 for doc in first.values())
@@ -277,7 +267,6 @@ def test_max_minutes_stops_between_datasets_and_resume_finishes(
     assert log["status"].startswith("stopped: --max-minutes")
     assert log["engine"]["name"] == "ray"
 
-    monkeypatch.setattr(runner_module, "write_result", write_result)
     rest = run_profile_ray(_settings(tmp_path, resume=True))
     assert (rest.files_skipped, rest.files_written, rest.stopped_early) == (2, 2, False)
     keys = _keys(tmp_path)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from synthetic import read_result_file
+from synthetic import clock_advancing_per_file, read_result_file
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
@@ -25,7 +25,6 @@ from toolkit.profiler import (
     parse_tiers,
     run_profile,
 )
-from toolkit.profiler import runner as runner_module
 from toolkit.profiler.datasets import SampleSpec
 from toolkit.profiler.model import EXPERTS_IMPLEMENTATION, MolmoELike, build_model, new_cache
 from toolkit.profiler.timing import Timer
@@ -265,15 +264,8 @@ def test_max_minutes_stops_between_files(tmp_path: Path, monkeypatch: pytest.Mon
     # A fake clock that advances 70 s per written file: with --max-minutes 1 the run must
     # stop cleanly after the first dataset's files (written together), and --resume must
     # finish the rest.
-    now = [0.0]
-    write_result = runner_module.write_result
-
-    def slow_write(path: Path, document: dict[str, Any]) -> None:
-        write_result(path, document)
-        now[0] += 70.0
-
-    monkeypatch.setattr(runner_module, "write_result", slow_write)
-    report = run_profile(_small(tmp_path, repeats=1, max_minutes=1.0), clock=lambda: now[0])
+    clock = clock_advancing_per_file(monkeypatch, 70.0)
+    report = run_profile(_small(tmp_path, repeats=1, max_minutes=1.0), clock=clock)
     assert report.stopped_early and report.files_written == 2 and report.files_remaining == 2
     assert len(_result_files(tmp_path)) == 2
     assert json.loads((tmp_path / "logs" / "run.json").read_text())["status"].startswith("stop")
