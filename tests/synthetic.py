@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 TIERS = ("low", "medium", "high")
 TIER_CROPS = {"low": (1, 3), "medium": (4, 8), "high": (9, 15)}
 DATASETS = ("coco_2014_vqa", "text_vqa", "doc_qa")
+#: The timing fields of a per-sample record (the rest describes the sample).
+SAMPLE_TIME_FIELDS = frozenset(
+    {
+        "T_vision_total",
+        "T_LLM_prefill",
+        "T_LLM_decode",
+        "T_total",
+        "T_decode_per_token",
+        "T_decode_per_step",
+    }
+)
 
 
 @dataclass

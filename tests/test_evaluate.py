@@ -454,17 +454,7 @@ def _invoke(args: list[str]) -> tuple[int, str]:
 def test_cli_evaluate_writes_json(trained: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, results = trained
     out = tmp_path / "evaluation_results.json"
-    code, text = _invoke(
-        [
-            "evaluate",
-            "--checkpoint",
-            str(checkpoint),
-            "--results-dir",
-            str(results),
-            "--output-file",
-            str(out),
-        ]
-    )
+    code, text = _invoke(_evaluate_args(checkpoint, results, out))
     assert code == 0, text
     assert "Performance assessment" in text and "Per-configuration errors" in text
     data = json.loads(out.read_text())
@@ -510,22 +500,18 @@ def test_cli_evaluate_train_results_dir(trained: tuple[Path, Path], tmp_path: Pa
     checkpoint, results = trained
     out = tmp_path / "eval.json"
     code, text = _invoke(
-        [
-            "evaluate",
-            "--checkpoint",
-            str(checkpoint),
-            "--results-dir",
-            str(results),
+        _evaluate_args(
+            checkpoint,
+            results,
+            out,
             "--dataset-names",
             "text_vqa",
-            "--output-file",
-            str(out),
             "--baselines",
             "--train-results-dir",
             str(results),
             "--single-network-epochs",
             "1",
-        ]
+        )
     )
     assert code == 0, text
     data = json.loads(out.read_text())
@@ -534,17 +520,7 @@ def test_cli_evaluate_train_results_dir(trained: tuple[Path, Path], tmp_path: Pa
 
 
 def test_cli_evaluate_missing_checkpoint_exits_2(tmp_path: Path, results_dir: Path) -> None:
-    code, text = _invoke(
-        [
-            "evaluate",
-            "--checkpoint",
-            str(tmp_path / "nope"),
-            "--results-dir",
-            str(results_dir),
-            "--output-file",
-            str(tmp_path / "e.json"),
-        ]
-    )
+    code, text = _invoke(_evaluate_args(tmp_path / "nope", results_dir, tmp_path / "e.json"))
     assert code == 2
     assert len(text.strip().splitlines()) == 1 and "nope" in text
     assert not (tmp_path / "e.json").exists()

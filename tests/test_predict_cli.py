@@ -42,6 +42,13 @@ def _run(*args: str):
     return CliRunner().invoke(main, ["predict", *args])
 
 
+def _run_file(checkpoint: Path, src: Path, dst: Path, *args: str):
+    """``predict`` in batch mode: ``src`` table in, ``dst`` table out."""
+    return _run(
+        "--checkpoint", str(checkpoint), "--input-file", str(src), "--output-file", str(dst), *args
+    )
+
+
 def test_single_mode_prints_the_original_block(checkpoint) -> None:
     model, ckpt = checkpoint
     result = _run(
@@ -101,7 +108,7 @@ def test_batch_mode_adds_prediction_columns(checkpoint, tmp_path: Path, suffix: 
         queries.write_csv(src)
     else:
         queries.write_parquet(src)
-    result = _run("--checkpoint", str(ckpt), "--input-file", str(src), "--output-file", str(dst))
+    result = _run_file(ckpt, src, dst)
     assert result.exit_code == 0, result.output
     out = pl.read_csv(dst) if suffix == ".csv" else pl.read_parquet(dst)
     assert out.columns == [*queries.columns, *OUTPUT_COLUMNS, "extrapolated"]
@@ -140,14 +147,7 @@ def test_bad_csv_is_one_line_and_exit_2(checkpoint, tmp_path: Path, change, mess
     _, ckpt = checkpoint
     src = tmp_path / "in.csv"
     change(_queries()).write_csv(src)
-    result = _run(
-        "--checkpoint",
-        str(ckpt),
-        "--input-file",
-        str(src),
-        "--output-file",
-        str(tmp_path / "out.csv"),
-    )
+    result = _run_file(ckpt, src, tmp_path / "out.csv")
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1
     assert message in result.output
@@ -195,7 +195,7 @@ def test_batch_mode_flags_extrapolated_rows(checkpoint, tmp_path: Path) -> None:
     _, ckpt = checkpoint
     src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
     _queries().with_columns(pl.Series("top_k", [8, 99, 12, 6])).write_csv(src)
-    result = _run("--checkpoint", str(ckpt), "--input-file", str(src), "--output-file", str(dst))
+    result = _run_file(ckpt, src, dst)
     assert result.exit_code == 0, result.output
     assert pl.read_csv(dst)["extrapolated"].to_list() == [False, True, False, False]
     assert [line for line in result.stderr.splitlines() if "top_k 99" in line]
@@ -218,14 +218,7 @@ def test_impossible_batch_inputs_are_errors(
     values = queries[column].to_list()
     values[1] = value
     queries.with_columns(pl.Series(column, values)).write_csv(src)
-    result = _run(
-        "--checkpoint",
-        str(ckpt),
-        "--input-file",
-        str(src),
-        "--output-file",
-        str(tmp_path / "o.csv"),
-    )
+    result = _run_file(ckpt, src, tmp_path / "o.csv")
     assert result.exit_code == 2 and message in result.output, result.output
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from synthetic import clock_advancing_per_file, read_result_file
+from synthetic import SAMPLE_TIME_FIELDS, clock_advancing_per_file, read_result_file
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
@@ -34,14 +34,6 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
-TIMES = {
-    "T_vision_total",
-    "T_LLM_prefill",
-    "T_LLM_decode",
-    "T_total",
-    "T_decode_per_token",
-    "T_decode_per_step",
-}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,7 +86,8 @@ def _keys(root: Path) -> Counter[tuple[str, str, int, int]]:
 def _without_times(doc: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in doc.items() if k != "latency_stats"}
     out["per_sample_results"] = [
-        {k: v for k, v in s.items() if k not in TIMES} for s in doc["per_sample_results"]
+        {k: v for k, v in s.items() if k not in SAMPLE_TIME_FIELDS}
+        for s in doc["per_sample_results"]
     ]
     return out
 

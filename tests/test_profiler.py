@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from synthetic import clock_advancing_per_file, read_result_file
+from synthetic import SAMPLE_TIME_FIELDS, clock_advancing_per_file, read_result_file
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
@@ -45,13 +45,7 @@ SAMPLE_FIELDS = {
     "accuracy",
     "pred",
     "metadata",
-    "T_vision_total",
-    "T_LLM_prefill",
-    "T_LLM_decode",
-    "T_total",
-    "T_decode_per_token",
-    "T_decode_per_step",
-}
+} | SAMPLE_TIME_FIELDS
 FILE_FIELDS = {
     "tier",
     "tier_range",
