@@ -49,14 +49,18 @@ class BudgetPredictor(torch.nn.Module):
         self.predictor = predictor
 
     def forward(self, features: Tensor, budget_ms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        first, weighted = self.predictor.front(features)
+        # Prefill and the decode coefficients do not depend on the output length: the first
+        # layer runs once, with output_tokens 0 (the decode factors then read 0, unused).
+        inputs = torch.cat([features, torch.zeros_like(budget_ms).unsqueeze(1)], 1)
+        first, weighted = self.predictor.front(inputs)[:2]
         rows = features.shape[0]
         # The three bounds searched together as one batch of 3B rows: the same prefill and
-        # decode coefficients (they depend on the configuration only, computed once; each
-        # bisection step costs one closed-form total). Bound: max((P + D(N)) g, P f) with
-        # (g, f) = (1, 0) for the mean, the calibrated factors for p90 and p95.
+        # decode coefficients (each bisection step costs one closed-form total). Bound:
+        # max((P + D(N)) g, P f) with (g, f) = (1, 0) for the mean, the calibrated factors
+        # for p90 and p95.
         prefill = self.predictor.prefill(weighted).repeat(3)
-        coef = self.predictor.decode.coefficients(first, features).repeat(3, 1)
+        coef = self.predictor.decode.coefficients(first, inputs).repeat(3, 1)
+        prompt = (features[:, 0] + features[:, 1]).repeat(3)
         budget = budget_ms.repeat(3)
         ones = torch.ones_like(budget_ms).unsqueeze(0)
         factor = (self.predictor.total_factors.unsqueeze(1) * ones).reshape(-1)
@@ -68,7 +72,7 @@ class BudgetPredictor(torch.nn.Module):
         high = torch.full_like(budget, 4097.0)  # never feasible
         for _ in range(12):
             middle = torch.floor((low + high) * 0.5)
-            decode_total, _ = self.predictor.decode.totals(coef, middle)
+            decode_total, _ = self.predictor.decode.totals(coef, middle, prompt)
             fits = (prefill + decode_total) * factor <= budget
             low = torch.where(fits, middle, low)
             high = torch.where(fits, high, middle)

@@ -38,6 +38,7 @@ from exporters.budget import (
 from exporters.fused import (
     FEATURE_LIMITS,
     INPUT_NAMES,
+    OUTPUT_TOKENS_LIMIT,
     FusedPredictor,
     GenericDecode,
     OutputSpec,
@@ -216,6 +217,7 @@ def predictor_metadata(
         "decode_form": decode_form,
         # Above these feature values the graph's baseline factors would clip: refuse them.
         "feature_limits": dict(zip(FEATURE_NAMES, FEATURE_LIMITS, strict=True)),
+        "output_tokens_limit": OUTPUT_TOKENS_LIMIT,
         # Multipliers of prefill_ms / total_ms per bound level (null: unbounded, +inf).
         "bound_factors": {
             "prefill": {k: _json_factor(v) for k, v in bounds.prefill.items()},
