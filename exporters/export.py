@@ -135,7 +135,7 @@ def output_spec(model: HybridLatencyModel) -> OutputSpec:
         prefill_scale=float(calibration.prefill_scale),
         prefill_offset_ms=float(calibration.prefill_offset_ms),
         prefill_bounds={k: float(v) for k, v in bounds.prefill.items()},
-        total_bounds={k: float(v) for k, v in bounds.total.items()},
+        total_bounds={k: (float(p), float(d)) for k, (p, d) in bounds.total.items()},
     )
 
 
@@ -221,7 +221,10 @@ def predictor_metadata(
         # Multipliers of prefill_ms / total_ms per bound level (null: unbounded, +inf).
         "bound_factors": {
             "prefill": {k: _json_factor(v) for k, v in bounds.prefill.items()},
-            "total": {k: _json_factor(v) for k, v in bounds.total.items()},
+            "total": {
+                k: {"prefill": _json_factor(p), "decode": _json_factor(d)}
+                for k, (p, d) in bounds.total.items()
+            },
         },
         # The threshold test and row index are exact float32 matmuls; TF32 breaks them.
         "cuda_provider_options": {"use_tf32": "0"},

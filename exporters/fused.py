@@ -39,8 +39,9 @@ whatever the node computes, so the graph is laid out for few nodes:
 - ONE output Gemm maps the concatenated products and decode terms to every output at once
   (transposed: [18, B]): the calibration scale, the powers of two of the factor scaling and
   every bound factor are in its weights, the calibration offsets in its bias. Its second
-  half holds what each output must be at least (a total bound is ``max(total_ms x g,
-  prefill_pXX_ms)``, ``toolkit.models.bounds``; -inf for the others): a Reshape to [2, 9B]
+  half holds what each output must be at least (a total bound is ``max(prefill_ms x f_p +
+  decode_total_ms x f_d, prefill_pXX_ms)``, ``toolkit.models.bounds``; -inf for the others):
+  a Reshape to [2, 9B]
   and one ReduceMax take the max of the halves, one Split (``num_outputs=9``) hands out the
   rows. A bound level with an infinite factor (too few calibration samples) is the constant
   +inf: weight 0, bias +inf.
@@ -509,9 +510,9 @@ class OutputSpec:
     """How the outputs derive from baseline x residual factor and the decode terms.
 
     ``prefill_ms = prefill_scale * baseline * residual + prefill_offset_ms``;
-    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``, ``total_pXX_ms = max(total_ms *
-    total_bounds[pXX], prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf:
-    that bound is +inf).
+    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``; with ``(f_p, f_d) =
+    total_bounds[pXX]``, ``total_pXX_ms = max(prefill_ms * f_p + decode_total_ms * f_d,
+    prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf: that bound is +inf).
     """
 
     form: np.ndarray  # PhysicsBaseline.product_form(), float64 [F + 1, 3, 3]
@@ -520,10 +521,13 @@ class OutputSpec:
     prefill_bounds: dict[str, float] = field(
         default_factory=lambda: {"p50": 1.0, "p90": 1.0, "p95": 1.0}
     )
-    total_bounds: dict[str, float] = field(default_factory=lambda: {"p90": 1.0, "p95": 1.0})
+    total_bounds: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"p90": (1.0, 1.0), "p95": (1.0, 1.0)}
+    )
 
     def __post_init__(self) -> None:
-        factors = [*self.prefill_bounds.values(), *self.total_bounds.values()]
+        factors = [*self.prefill_bounds.values()]
+        factors += [f for pair in self.total_bounds.values() for f in pair]
         if not all(f > 0 for f in factors) or any(math.isnan(f) for f in factors):
             raise LatkitError(f"bound factors must be positive (or +inf), got {factors}")
         if not (self.prefill_scale > 0 and math.isfinite(self.prefill_offset_ms)):
@@ -536,7 +540,8 @@ def output_gemm(
     """(weight [18, G + C], bias [18, 1]) of the output Gemm; its input is
     ``[products x residual (G), decode columns (C)]``.
 
-    Rows 0-8 are the outputs in ``GEMM_ROWS`` order, the total bounds as ``total_ms x g``;
+    Rows 0-8 are the outputs in ``GEMM_ROWS`` order, the total bounds as ``prefill_ms x f_p
+    + decode_total_ms x f_d``;
     rows 9-17 what each must be at least: the prefill bound of the same level for a total
     bound (``total_pXX = max(total_ms x g, prefill_pXX)``, ``toolkit.models.bounds``), -inf
     (weight 0, bias -inf) for every other output. The graph takes the elementwise max of
@@ -554,15 +559,18 @@ def output_gemm(
         "decode_per_token_ms": (np.concatenate([np.zeros(groups), per_pass]), 0.0),
         "total_ms": (total_w, offset),
     }
-    for kind, base, factors in (
-        ("prefill", (prefill_w, offset), spec.prefill_bounds),
-        ("total", (total_w, offset), spec.total_bounds),
-    ):
-        for level, factor in factors.items():
-            if math.isinf(factor):  # unbounded level: the constant +inf
-                rows[f"{kind}_{level}_ms"] = (np.zeros_like(base[0]), math.inf)
-            else:
-                rows[f"{kind}_{level}_ms"] = (base[0] * factor, base[1] * factor)
+    for level, factor in spec.prefill_bounds.items():
+        rows[f"prefill_{level}_ms"] = (
+            (np.zeros_like(prefill_w), math.inf)  # unbounded level: the constant +inf
+            if math.isinf(factor)
+            else (prefill_w * factor, offset * factor)
+        )
+    for level, (prefill_factor, decode_factor) in spec.total_bounds.items():
+        rows[f"total_{level}_ms"] = (
+            (np.zeros_like(prefill_w), math.inf)
+            if math.isinf(prefill_factor) or math.isinf(decode_factor)
+            else (prefill_w * prefill_factor + decode_w * decode_factor, offset * prefill_factor)
+        )
     floors: dict[str, tuple[np.ndarray, float]] = {
         name: rows[f"prefill_{name[len('total_') :]}"]
         if name.startswith("total_p")
@@ -595,7 +603,8 @@ class FusedPredictor(torch.nn.Module):
         out_bias: Tensor
         prefill_weight: Tensor
         prefill_offset: Tensor
-        total_factors: Tensor
+        total_prefill_factors: Tensor
+        total_decode_factors: Tensor
         floor_factors: Tensor
         decode: GenericDecode | FoldedDecode
 
@@ -632,17 +641,22 @@ class FusedPredictor(torch.nn.Module):
         self.register_buffer("out_weight", torch.from_numpy(weight))  # [18, G + C]
         self.register_buffer("out_bias", torch.from_numpy(bias))  # [18, 1]
         # For the budget graph: the prefill row alone; per searched bound (mean, p90, p95) the
-        # total's factor g and the prefill bound's factor f (total bound: max((P + D) g, P f);
-        # the mean's floor 0 never binds a budget >= 0).
+        # total's factors (f_p, f_d) and the prefill bound's factor f (total bound:
+        # max(P f_p + D f_d, P f); the mean's floor 0 never binds a budget >= 0).
         self.register_buffer(
             "prefill_weight", torch.from_numpy(weight[0, : layer.groups].reshape(-1, 1).copy())
         )
         self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
         levels = ("p90", "p95")
-        total_factors = [1.0, *(spec.total_bounds[k] for k in levels)]
+        prefill_factors = [1.0, *(spec.total_bounds[k][0] for k in levels)]
+        decode_factors = [1.0, *(spec.total_bounds[k][1] for k in levels)]
         floor_factors = [0.0, *(spec.prefill_bounds[k] for k in levels)]
-        self.register_buffer("total_factors", torch.tensor(total_factors, dtype=torch.float32))
-        self.register_buffer("floor_factors", torch.tensor(floor_factors, dtype=torch.float32))
+        for name, values in (
+            ("total_prefill_factors", prefill_factors),
+            ("total_decode_factors", decode_factors),
+            ("floor_factors", floor_factors),
+        ):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
         self.decode = module
 
     def front(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:

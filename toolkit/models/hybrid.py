@@ -128,6 +128,18 @@ def _num_total_blocks(samples: pl.DataFrame) -> int | None:
     return int(value) if isinstance(value, int | float) else None
 
 
+def _stage_pairs(
+    samples: pl.DataFrame, pred: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(prefill actual, prefill predicted, decode actual, decode predicted) of a frame."""
+    return (
+        samples["T_prefill_total"].to_numpy().astype(np.float64),
+        pred["prefill_ms"],
+        samples["T_LLM_decode"].to_numpy().astype(np.float64),
+        pred["decode_total_ms"],
+    )
+
+
 def _check_columns(frame: pl.DataFrame, what: str) -> None:
     missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
@@ -271,11 +283,7 @@ class HybridLatencyModel:
         self.bounds = ConformalBounds()
         if calibration_samples.height:
             pred = self.predict_frame(calibration_samples)
-            prefill_true = calibration_samples["T_prefill_total"].to_numpy().astype(np.float64)
-            decode_true = calibration_samples["T_LLM_decode"].to_numpy().astype(np.float64)
-            self.bounds = ConformalBounds.fit(
-                prefill_true, pred["prefill_ms"], prefill_true + decode_true, pred["total_ms"]
-            )
+            self.bounds = ConformalBounds.fit(*_stage_pairs(calibration_samples, pred))
         present = [c for c in TRAINING_DATA_COLUMNS if c in samples.columns]
         self.training_data = pl.concat(
             [
@@ -388,7 +396,7 @@ class HybridLatencyModel:
             "decode_per_token_ms": per_token,
             "total_ms": total,
         }
-        out.update(self.bounds.apply(prefill, total))
+        out.update(self.bounds.apply(prefill, decode_total))
         return {name: out[name] for name in OUTPUT_NAMES}
 
     def supported_ranges(self) -> dict[str, tuple[float, float]]:
