@@ -148,23 +148,28 @@ def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> 
         calibration["output_tokens"].to_numpy().astype(np.float64) - 1, 0, None
     )
     prefill_pred = np.empty(n)
-    total_pred = np.empty(n)
+    decode_pred = np.empty(n)
     for i in range(n):
         keep = np.ones(n, dtype=bool)
         keep[i] = False
         others = {name: values[keep] for name, values in source.items()}
         cal = _affine_maps(others, targets.subset(keep))
         prefill_pred[i] = cal.prefill(source["prefill_ms"][i])
-        decode = cal.decode_total(source["decode_total_ms"][i], predicted_passes[i])
-        total_pred[i] = prefill_pred[i] + decode
-    total_true = targets.prefill_ms + targets.decode_total_ms
+        decode_pred[i] = cal.decode_total(source["decode_total_ms"][i], predicted_passes[i])
     return ConformalBounds.fit(
         targets.prefill_ms,
         prefill_pred,
-        total_true,
-        total_pred,
+        targets.decode_total_ms,
+        decode_pred,
         source="recalibration (leave-one-out)",
     )
+
+
+def _total_factors(bounds: ConformalBounds, level: str) -> str:
+    if bounds.is_unbounded(level):
+        return "unbounded (P95 needs >= 19 samples)" if level == "p95" else "unbounded"
+    prefill, decode = bounds.total[level]
+    return f"prefill x {prefill:.3f} + decode x {decode:.3f}"
 
 
 def recalibrate(
@@ -352,13 +357,9 @@ def run_recalibration(
         f"({calibration['config'].n_unique()} configurations) of {results_dir}",
         f"  prefill'     = {cal.prefill_scale:.4f} x prefill {cal.prefill_offset_ms:+.3f} ms",
         f"  decode pass' = {cal.decode_pass_scale:.4f} x pass {cal.decode_pass_offset_ms:+.3f} ms",
-        "  bounds re-calibrated (leave-one-out conformal): total P90 x "
-        f"{calibrated.bounds.total['p90']:.3f}, P95 x {calibrated.bounds.total['p95']:.3f}"
-        + (
-            " (unbounded: P95 needs >= 19 samples)"
-            if calibrated.bounds.total["p95"] == np.inf
-            else ""
-        ),
+        "  bounds re-calibrated (leave-one-out conformal): total P90 = "
+        f"{_total_factors(calibrated.bounds, 'p90')}, P95 = "
+        f"{_total_factors(calibrated.bounds, 'p95')}",
     ]
     if rest.height:
         before = _score(model, rest)
