@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -106,3 +107,16 @@ def test_usage_errors_are_one_line_on_stderr(args: list[str], says: str) -> None
 def test_errors_of_latkit_itself_are_one_line_too(tmp_path: Path) -> None:
     line = _one_line_error(["inspect", "--results-dir", str(tmp_path / "missing")])
     assert str(tmp_path / "missing") in line
+
+
+def test_plot_lists_each_figure_once(small_trained: tuple[Any, Path, Path], tmp_path: Path) -> None:
+    _, checkpoint, results = small_trained
+    out = tmp_path / "figures"
+    args = ["plot", "--checkpoint", str(checkpoint), "--results-dir", str(results)]
+    result = CliRunner().invoke(main, [*args, "--output-dir", str(out), "--max-samples", "200"])
+    assert result.exit_code == 0, result.output
+    figures = sorted(path.name for path in out.glob("*.png"))
+    assert len(figures) >= 10
+    for name in figures:
+        assert result.stdout.count(name) == 1, name
+        assert name not in result.stderr, name
