@@ -168,13 +168,13 @@ def _affine_maps(
     """
     everyone = np.ones(targets.prefill_ms.size, dtype=bool)
     prefill_ms = predicted["prefill_ms"]
-    prefill_scale, prefill_offset, _ = _affine_fit(
+    prefill_scale, prefill_offset, n_prefill = _affine_fit(
         prefill_ms, targets.prefill_ms, np.ones(everyone.size), everyone, prefill_ms, leave_one_out
     )
     passes = targets.passes
     has_passes = passes > 0
     total = predicted["decode_total_ms"]
-    decode_scale, decode_offset, n_fitted = _affine_fit(
+    decode_scale, decode_offset, n_decode = _affine_fit(
         total,
         targets.decode_total_ms,
         passes,
@@ -182,10 +182,17 @@ def _affine_maps(
         total / np.maximum(passes, 1.0),
         leave_one_out,
     )
-    no_passes = n_fitted == 0
-    prefill = (prefill_scale, prefill_offset)
-    decode = (np.where(no_passes, 1.0, decode_scale), np.where(no_passes, 0.0, decode_offset))
-    return prefill, decode
+    return _or_identity(prefill_scale, prefill_offset, n_prefill), _or_identity(
+        decode_scale, decode_offset, n_decode
+    )
+
+
+def _or_identity(
+    scale: np.ndarray, offset: np.ndarray, n_fitted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted map, or the identity where it was fitted on no sample."""
+    none = n_fitted == 0
+    return np.where(none, 1.0, scale), np.where(none, 0.0, offset)
 
 
 def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> ConformalBounds:
@@ -205,8 +212,6 @@ def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> 
     (prefill_scale, prefill_offset), (decode_scale, decode_offset) = _affine_maps(
         source, targets, leave_one_out=True
     )
-    if n == 1:
-        prefill_scale, prefill_offset = np.ones(1), np.zeros(1)
     prefill_pred = prefill_scale * source["prefill_ms"] + prefill_offset
     decode = decode_scale * source["decode_total_ms"] + decode_offset * predicted_passes
     total_pred = prefill_pred + decode
