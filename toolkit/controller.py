@@ -161,7 +161,8 @@ def budget_table(
     prefill_ms (the chosen bound), decode_total_ms (mean) and total_ms (the chosen bound's
     total, ``spent_ms``; both at ``output_tokens``, null without it), max_output_tokens,
     output_extrapolated (max_output_tokens lies beyond ``supported_output_tokens``, the
-    longest answer the model's decode is trusted for), feasible. Feasible rows come first, then
+    longest answer the model's decode is trusted for), feasible, why_not (the rules an
+    infeasible row breaks, null when feasible). Feasible rows come first, then
     ``rank``: "fastest" (lowest estimate first) or "quality" (highest tier, top_k and
     blocks first: the most capable configuration that fits leads); ties keep grid order.
     """
@@ -177,13 +178,18 @@ def budget_table(
     n_tokens = np.full(features.shape[0], output_tokens or 1, dtype=np.float32)
     out = predict(features, n_tokens)
     prefill = np.asarray(out[BOUNDS[bound]], dtype=np.float64)
-    feasible = prefill <= budget_ms * safety
+    prefill_fits = prefill <= budget_ms * safety
+    feasible = prefill_fits.copy()
+    why_not = np.where(prefill_fits, "", f"prefill > budget x {safety:g}")
     decode_total: np.ndarray | None = None
     total: np.ndarray | None = None
     if output_tokens is not None:
         decode_total = np.asarray(out["decode_total_ms"], dtype=np.float64)
         total = spent_ms(out, bound)
-        feasible &= total <= budget_ms
+        total_fits = total <= budget_ms
+        feasible &= total_fits
+        both = np.char.add(why_not, np.where(prefill_fits, "", "; "))
+        why_not = np.where(total_fits, why_not, np.char.add(both, "total > budget"))
     room = max_output_tokens(predict, features, budget_ms, bound=bound, max_tokens=max_tokens)
     frame = pl.DataFrame(
         {
@@ -199,8 +205,13 @@ def budget_table(
             "max_output_tokens": room,
             "output_extrapolated": room > supported_output_tokens,
             "feasible": feasible,
+            "why_not": [reason or None for reason in why_not.tolist()],
         },
-        schema_overrides={"decode_total_ms": pl.Float64, "total_ms": pl.Float64},
+        schema_overrides={
+            "decode_total_ms": pl.Float64,
+            "total_ms": pl.Float64,
+            "why_not": pl.String,
+        },
     ).with_row_index("_grid_order")
     if rank == "fastest":
         order = [pl.col("total_ms" if output_tokens is not None else "prefill_ms")]
@@ -255,7 +266,7 @@ def format_budget_table(table: pl.DataFrame, budget_ms: float, bound: str, safet
         f"{n_ok} of {table.height} configurations feasible",
         f"{'config':<14}{'vision':>8}{'prefill ms':>12}"
         + (f"{'total ms':>11}" if has_total else "")
-        + f"{'max output':>12}{'feasible':>10}",
+        + f"{'max output':>12}{'feasible':>10}  why not",
     ]
     beyond = "output_extrapolated" in table.columns and bool(table["output_extrapolated"].any())
     for row in table.iter_rows(named=True):
@@ -264,6 +275,7 @@ def format_budget_table(table: pl.DataFrame, budget_ms: float, bound: str, safet
         lines.append(
             f"{row['config']:<14}{row['vision_tokens']:>8}{row['prefill_ms']:>12.2f}{total}"
             f"{room:>12}{'yes' if row['feasible'] else 'no':>10}"
+            + (f"  {row['why_not']}" if row["why_not"] else "")
         )
     if beyond:
         lines.append(

@@ -1,4 +1,4 @@
-"""Reading core-experiment results (``shared/spec/core-exp-format.md``) into Polars frames.
+"""Reading core-experiment results (``docs/core-exp-format.md``) into Polars frames.
 
 ``load_results`` returns a :class:`LoadResult` with two frames:
 
