@@ -16,9 +16,21 @@ a level), plus ``out_of_range`` (bool [B]).
 This file deliberately imports nothing from latkit (copy it next to a controller as is):
 feature order, tier names and training ranges come from the model's own metadata.
 
-Threads: a batch-1 query is fastest on one thread (no pool wake-up), so small batches run
+Sessions: a batch-1 query is fastest on one thread (no pool wake-up), so small batches run
 on a single-threaded CPU session. Batches of ``large_batch`` rows or more run on a second
 session with all cores, on the CUDA execution provider when one is usable.
+
+Threads: one ``LatencyPredictor`` may be shared by any number of threads. ``predict``,
+``run``, ``feasible`` and ``max_output_tokens`` return exactly what they return on one thread,
+at any mix of batch sizes. Small batches run on buffers bound to the session (an ONNX Runtime
+IoBinding); a set of them serves one call at a time: a call takes an idle set of its batch size
+from a pool (or binds a new one) and puts it back when done, so concurrent calls never share
+buffers and a set in use is referenced by its call, never freed under ONNX Runtime. The pool
+keeps sets for at most ``MAX_BOUND_BATCH_SIZES`` batch sizes (a new size beyond drops the
+oldest), as many per size as calls of that size ever ran at once. ONNX Runtime releases the
+GIL while it computes, so threads add throughput where cores are free (the Python around a
+call holds it: see the README's "Using the predictor in a service"). Forked worker processes
+(a pre-fork server) may use a predictor made and used before the fork: each has its own copy.
 
 Inputs are validated: wrong shapes, NaN/inf and impossible values (negative token counts,
 top_k or num_active_blocks below 1, a tier other than 0/1/2, values above the exported
@@ -28,18 +40,6 @@ exactly the trained tiers; output tokens: above the widened longest answer), are
 ``out["out_of_range"]`` and, by default, warned about: the physics baseline carries the
 prefill that far, past it a prediction is an extrapolation. ``toolkit.features`` holds the
 same rule (``supported_range``); a test keeps the two copies equal.
-
-Threads: one ``LatencyPredictor`` may be shared by any number of threads. ``predict``,
-``run``, ``feasible`` and ``max_output_tokens`` return exactly what they return on one thread,
-at any mix of batch sizes. Small batches run on buffers bound to the session (an ONNX Runtime
-IoBinding); a set of them serves one call at a time: a call takes an idle set of its batch size
-from a pool (or binds a new one) and puts it back when done, so concurrent calls never share
-buffers and a set in use is referenced by its call, never freed under ONNX Runtime. The pool
-keeps sets for the ``MAX_BOUND_BATCH_SIZES`` most recently new batch sizes; as many sets per
-size as calls ever ran at once. ONNX Runtime releases the GIL while it computes, so threads
-add throughput where cores are free. Forked worker processes may use a predictor made before
-the fork if no batch of ``large_batch`` rows ran yet (that session's thread pool does not
-survive a fork); making it in each worker is always safe.
 """
 
 from __future__ import annotations
