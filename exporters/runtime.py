@@ -44,6 +44,7 @@ same rule (``supported_range``); a test keeps the two copies equal.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -110,6 +111,21 @@ def supported_range(name: str, low: float, high: float) -> tuple[float, float]:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _possible_bounds(
+    feature_names: tuple[str, ...], n_tiers: int, limits: tuple[tuple[str, float], ...]
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(lowest, highest) possible value per feature and the tier's column (None: no tier)."""
+    lowest = np.array([FEATURE_MINIMUM.get(name, -np.inf) for name in feature_names])
+    highest = np.array([dict(limits).get(name, np.inf) for name in feature_names])
+    tier = feature_names.index("tier_idx") if "tier_idx" in feature_names else None
+    if tier is not None:  # a tier is 0, 1, ..., n_tiers - 1
+        lowest[tier] = max(lowest[tier], 0.0)
+        highest[tier] = min(highest[tier], n_tiers - 1)
+    lowest.flags.writeable = highest.flags.writeable = False  # shared by every call
+    return lowest, highest, tier
+
+
 def impossible_inputs(
     features: np.ndarray,
     feature_names: Sequence[str] = DEFAULT_FEATURE_NAMES,
@@ -120,14 +136,9 @@ def impossible_inputs(
     0 .. n_tiers - 1, above ``limits``); empty when every row is possible. Finite inputs
     assumed (``check_inputs`` refuses NaN/inf first)."""
     limits = limits or {}
-    # Every rule as one [B, F] mask first (a few array operations per call: this runs on
-    # every query); messages only for the columns it marks.
-    lowest = np.array([FEATURE_MINIMUM.get(name, -np.inf) for name in feature_names])
-    highest = np.array([limits.get(name, np.inf) for name in feature_names])
-    tier = list(feature_names).index("tier_idx") if "tier_idx" in feature_names else None
-    if tier is not None:  # a tier is 0, 1, ..., n_tiers - 1
-        lowest[tier] = max(lowest[tier], 0.0)
-        highest[tier] = min(highest[tier], n_tiers - 1)
+    # Every rule as one [B, F] mask first (a few array operations: this runs on every
+    # query); messages only for the columns it marks.
+    lowest, highest, tier = _possible_bounds(tuple(feature_names), n_tiers, tuple(limits.items()))
     bad = (features < lowest) | (features > highest)
     if tier is not None:
         bad[:, tier] |= features[:, tier] != np.floor(features[:, tier])
