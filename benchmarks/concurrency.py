@@ -36,16 +36,12 @@ from pathlib import Path
 import _common  # noqa: F401  (puts tests/ on sys.path)
 import numpy as np
 from predictor_speed import CPP_BUILD, BoundCall, exported_model, queries
-from threads import on_threads
+from threads import on_threads, same
 
 from exporters.runtime import LatencyPredictor
 
 THREADS = (1, 2, 4)
 BATCHES = (1, 75)
-
-
-def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def per_call_us(func: Callable[[], object], calls: int) -> float:

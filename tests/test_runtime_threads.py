@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from synthetic import fit_small_model
-from threads import on_threads
+from threads import on_threads, same
 
 from exporters.export import ONNX_FILE, TORCHSCRIPT_FILE, export_model
 from exporters.runtime import MAX_BOUND_BATCH_SIZES, LatencyPredictor
@@ -76,10 +76,6 @@ def ask(predictor: LatencyPredictor, question: Question) -> dict[str, np.ndarray
     if kind == "feasible":
         return {"feasible": predictor.feasible(x, 600.0, second, bound="p95")}
     return predictor.max_output_tokens(x, second)
-
-
-def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_one_predictor_shared_by_8_threads_answers_like_one_thread(exported) -> None:

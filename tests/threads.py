@@ -1,4 +1,5 @@
-"""Run calls from many threads at once (tests and benchmarks/concurrency.py)."""
+"""Run calls from many threads at once and compare their answers (tests and
+benchmarks/concurrency.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 
 def on_threads(
@@ -34,3 +37,11 @@ def on_threads(
     for thread in threads:
         thread.join()
     return results, errors, time.perf_counter() - began
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Bit for bit: same names, dtypes, shapes and bytes."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
+        for k in a
+    )
