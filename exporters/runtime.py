@@ -454,7 +454,7 @@ class LatencyPredictor:
             raise InputError("give either a features matrix or keyword columns, not both")
         x, n = self.checked(features, output_tokens)
         flags = self.out_of_range(x, n)
-        if flags.any():
+        if self.on_out_of_range != "flag" and flags.any():
             message = self._range_message(x, n, flags)
             if self.on_out_of_range == "error":
                 raise InputError(message)
