@@ -102,14 +102,16 @@ def _cmdline(pid: int) -> str:
 
 
 def test_ray_sweep_writes_what_one_process_writes(ray_address: str, tmp_path: Path) -> None:
-    single = run_profile(_settings(tmp_path / "single", on_ray=False))
+    """The same files as one process, --output-tokens included (the same drawn lengths)."""
+    lengths = (2, 6)
+    single = run_profile(_settings(tmp_path / "single", on_ray=False, output_tokens=lengths))
     titles: list[str] = []
 
     def look(driver: RayDriver) -> None:
         if not titles:
             titles.extend(_cmdline(pid) for pid in driver.worker_pids())
 
-    report = run_profile_ray(_settings(tmp_path / "ray"), on_result=look)
+    report = run_profile_ray(_settings(tmp_path / "ray", output_tokens=lengths), on_result=look)
     assert (report.engine, report.workers, report.restarts) == ("ray", 2, 0)
     assert report.files_written == single.files_written == 4
     assert report.startup_s > 0
@@ -122,10 +124,12 @@ def test_ray_sweep_writes_what_one_process_writes(ray_address: str, tmp_path: Pa
         assert set(many[name]["latency_stats"]) == set(one[name]["latency_stats"])
     keys = _keys(tmp_path / "ray")
     assert keys == _keys(tmp_path / "single") and set(keys.values()) == {1}
+    drawn = [s["output_tokens"] for doc in many.values() for s in doc["per_sample_results"]]
+    assert len(drawn) == 8 and all(2 <= n <= 6 for n in drawn)
 
     assert len(titles) == 2 and all(t.startswith("ray::ProfileWorker") for t in titles), titles
     log = _run_log(tmp_path / "ray")
-    assert log["status"] == "complete"
+    assert log["status"] == "complete" and log["settings"]["output_tokens"] == [2, 6]
     engine = log["engine"]
     assert engine["name"] == "ray" and engine["cluster_resources"]["CPU"] == 2
     assert engine["restarts"] == 0 and engine["startup_s"] > 0 and engine["wall_s"] > 0

@@ -195,6 +195,70 @@ def test_draws_are_seeded_and_within_ranges() -> None:
     assert len(DATASETS) == 9
 
 
+def test_default_draws_are_unchanged() -> None:
+    """The samples of a seed, as every sweep measured before --output-tokens existed."""
+
+    def keys(specs: list[SampleSpec]) -> list[tuple[int, int, int, int]]:
+        return [(s.sample_id, s.num_crops, s.text_tokens, s.output_tokens) for s in specs]
+
+    assert keys(draw_samples("coco_caption", "medium", 8, 12, 4, seed=3, first_sample_id=100)) == [
+        (100, 7, 11, 19),
+        (101, 5, 12, 24),
+        (102, 4, 10, 23),
+        (103, 6, 13, 32),
+    ]
+    assert keys(draw_samples("mmmu", "high", 4, 16, 3, seed=0, first_sample_id=7)) == [
+        (7, 11, 131, 2),
+        (8, 9, 55, 7),
+        (9, 9, 31, 10),
+    ]
+
+
+def test_output_tokens_override_draws_uniformly_in_range() -> None:
+    default = draw_samples("tally_qa", "high", 8, 12, 200, seed=4, first_sample_id=0)
+    long = draw_samples("tally_qa", "high", 8, 12, 200, 4, 0, output_tokens=(128, 448))
+    lengths = [s.output_tokens for s in long]
+    assert all(128 <= n <= 448 for n in lengths)
+    # Uniform over [128, 448]: both ends reached, each half holds about half the draws.
+    assert min(lengths) < 140 and max(lengths) > 436
+    assert 70 <= sum(n <= 288 for n in lengths) <= 130
+    # Only the answers change: the same images and prompts as the default draws.
+    assert [(s.sample_id, s.num_crops, s.text_tokens) for s in long] == [
+        (s.sample_id, s.num_crops, s.text_tokens) for s in default
+    ]
+    # A function of the seed and the sample's keys: a shorter draw is a prefix of a longer
+    # one (partial sweeps, --resume), another configuration or seed draws other lengths.
+    assert draw_samples("tally_qa", "high", 8, 12, 5, 4, 0, output_tokens=(128, 448)) == long[:5]
+    other = draw_samples("tally_qa", "high", 8, 14, 200, 4, 0, output_tokens=(128, 448))
+    assert [s.output_tokens for s in other] != lengths
+    reseeded = draw_samples("tally_qa", "high", 8, 12, 200, 5, 0, output_tokens=(128, 448))
+    assert [s.output_tokens for s in reseeded] != lengths
+    fixed = draw_samples("coco_caption", "low", 4, 8, 20, 0, 0, output_tokens=(64, 64))
+    assert {s.output_tokens for s in fixed} == {64}
+
+
+def test_output_tokens_sweep_is_recorded(tmp_path: Path) -> None:
+    report = run_profile(
+        _small(tmp_path, datasets=["tally_qa"], blocks=[8], repeats=1, output_tokens=(6, 9))
+    )
+    assert report.files_written == 1
+    (path,) = _result_files(tmp_path)
+    doc = read_result_file(path)
+    assert set(doc) == FILE_FIELDS
+    for sample in doc["per_sample_results"]:
+        assert set(sample) == SAMPLE_FIELDS and sample["metadata"] == {}
+        assert 6 <= sample["output_tokens"] <= 9
+        assert len(sample["T_decode_per_step"]) == sample["output_tokens"] - 1
+    run_log = json.loads((tmp_path / "logs" / "run.json").read_text())
+    assert run_log["settings"]["output_tokens"] == [6, 9]
+    # The file has the name a default sweep gives it: the images are the same draws.
+    default = tmp_path / "default"
+    run_profile(_small(default, datasets=["tally_qa"], blocks=[8], repeats=1))
+    assert [p.name for p in _result_files(default)] == [path.name]
+    default_log = json.loads((default / "logs" / "run.json").read_text())
+    assert default_log["settings"]["output_tokens"] is None
+
+
 # --- files, loader, resume, max-minutes -----------------------------------------------------
 
 
@@ -298,6 +362,37 @@ def test_cli_profile(tmp_path: Path) -> None:
     help_text = runner.invoke(main, ["profile", "--help"]).output
     for flag in ("--preset", "--repeats", "--resume", "--max-minutes", "--top-k", "--blocks"):
         assert flag in help_text
+    assert "--output-tokens" in help_text
+
+
+def test_cli_output_tokens(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "res"
+    args = ["profile", "--output-dir", str(out), "--datasets", "doc_qa", "--tiers", "low"]
+    args += ["--top-k", "4", "--blocks", "8", "--samples-per-config", "2", "--repeats", "1"]
+    result = runner.invoke(main, [*args, "--output-tokens", "3-5", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (path,) = _result_files(out)
+    samples = read_result_file(path)["per_sample_results"]
+    assert all(3 <= s["output_tokens"] <= 5 for s in samples)
+    assert json.loads((out / "logs" / "run.json").read_text())["settings"]["output_tokens"] == [
+        3,
+        5,
+    ]
+    for value, message in (
+        ("0-5", "needs 1 <= LO <= HI"),
+        ("9-5", "needs 1 <= LO <= HI"),
+        ("8.5-10", "expected LO-HI, two integers"),
+        ("128", "expected LO-HI, two integers"),
+        ("-3-5", "expected LO-HI, two integers"),
+        ("1-9000", "must fit the model's 8192 positions (HI at most 7546)"),
+    ):
+        bad = runner.invoke(main, [*args, "--output-tokens", value, "--no-progress"])
+        assert bad.exit_code == 2, (value, bad.output)
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: --output-tokens"), lines
+        assert message in lines[0], lines
+    assert len(_result_files(out)) == 1
 
 
 def test_cli_ray_flags_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

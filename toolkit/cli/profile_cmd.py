@@ -91,6 +91,16 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
     default=None,
     help="Stop cleanly between files after this many minutes (finish later with --resume).",
 )
+@click.option(
+    "--output-tokens",
+    "--output_tokens",
+    "output_tokens",
+    default=None,
+    metavar="LO-HI",
+    help="Draw every sample's output length (tokens, EOS included) uniformly in [LO, HI] "
+    "instead of its dataset's answer lengths, e.g. 128-448 for long answers; images and "
+    "prompts stay the default draws. Recorded in logs/run.json.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the drawn samples.")
 @click.option("--resume", is_flag=True, help="Skip files that already exist in --output-dir.")
 @click.option(
@@ -143,6 +153,7 @@ def profile_command(
     repeats: int,
     threads: int | None,
     max_minutes: float | None,
+    output_tokens: str | None,
     seed: int,
     resume: bool,
     use_gzip: bool,
@@ -173,6 +184,7 @@ def profile_command(
         make_ray_settings,
         parse_datasets,
         parse_int_list,
+        parse_output_tokens,
         parse_tiers,
         run_profile,
     )
@@ -196,6 +208,7 @@ def profile_command(
         gzip=use_gzip,
         progress=not no_progress,
         canary_every=canary_every,
+        output_tokens=parse_output_tokens(output_tokens),
         ray=make_ray_settings(ray_address, workers, allow_mixed_devices),
     )
     report = run_profile(settings)

@@ -4,7 +4,7 @@ The heavy parts (torch models from ``transformers``) are imported when a sweep s
 importing this package stays cheap.
 """
 
-from toolkit.profiler.datasets import DATASETS, draw_samples, parse_datasets
+from toolkit.profiler.datasets import DATASETS, draw_samples, parse_datasets, parse_output_tokens
 from toolkit.profiler.model import PRESETS, ModelPreset, get_preset
 from toolkit.profiler.runner import (
     ProfileReport,
@@ -28,6 +28,7 @@ __all__ = [
     "make_ray_settings",
     "parse_datasets",
     "parse_int_list",
+    "parse_output_tokens",
     "parse_tiers",
     "run_profile",
 ]

@@ -26,8 +26,20 @@ import torch
 from toolkit import __version__
 from toolkit.atomic import write_json_atomic
 from toolkit.errors import LatkitError
-from toolkit.features import GRID_BLOCKS, GRID_TOP_K, TIERS
-from toolkit.profiler.datasets import SampleSpec, draw_samples, parse_datasets
+from toolkit.features import (
+    GRID_BLOCKS,
+    GRID_TOP_K,
+    TIER_CROP_RANGE,
+    TIERS,
+    VISION_TOKENS_PER_CROP,
+)
+from toolkit.profiler.datasets import (
+    DATASETS,
+    SampleSpec,
+    check_output_tokens,
+    draw_samples,
+    parse_datasets,
+)
 from toolkit.profiler.measure import (
     DTYPES,
     Measurer,
@@ -38,7 +50,7 @@ from toolkit.profiler.measure import (
     keep_freed_memory,
     set_measuring_threads,
 )
-from toolkit.profiler.model import get_preset
+from toolkit.profiler.model import MAX_POSITIONS, get_preset
 from toolkit.profiler.timing import SampleTiming
 from toolkit.profiler.writer import (
     dataset_dir_name,
@@ -87,6 +99,9 @@ class ProfileSettings:
     progress: bool = True
     #: Re-time the canary every N samples per measuring process (None: no canary).
     canary_every: int | None = None
+    #: ``--output-tokens LO-HI``: answer lengths drawn uniformly in [LO, HI] (None: the
+    #: datasets' own).
+    output_tokens: tuple[int, int] | None = None
     #: Run on Ray (None: in this process).
     ray: RaySettings | None = None
 
@@ -217,6 +232,17 @@ def _validate(settings: ProfileSettings, num_layers: int, num_experts: int) -> N
         raise LatkitError("--threads must be at least 1")
     if settings.canary_every is not None and settings.canary_every < 1:
         raise LatkitError("--canary-every must be at least 1")
+    if settings.output_tokens is not None:
+        low, high = check_output_tokens(settings.output_tokens)
+        longest_prompt = max(
+            (TIER_CROP_RANGE[tier][1] + 1) * VISION_TOKENS_PER_CROP for tier in settings.tiers
+        ) + max(DATASETS[name].prompt_tokens.high for name in settings.datasets)
+        if longest_prompt + high > MAX_POSITIONS:
+            raise LatkitError(
+                f"--output-tokens {low}-{high}: prompts of up to {longest_prompt} tokens plus "
+                f"the answer must fit the model's {MAX_POSITIONS} positions (HI at most "
+                f"{MAX_POSITIONS - longest_prompt})"
+            )
 
 
 def _configurations(settings: ProfileSettings) -> list[tuple[str, int, int]]:
@@ -244,7 +270,14 @@ def plan_jobs(settings: ProfileSettings, out_dir: Path) -> tuple[list[Job], int]
             # stay unique within a dataset however the sweep is split.
             first_id = _grid_ordinal(tier, top_k, blocks) * settings.samples_per_config
             specs = draw_samples(
-                dataset, tier, top_k, blocks, settings.samples_per_config, settings.seed, first_id
+                dataset,
+                tier,
+                top_k,
+                blocks,
+                settings.samples_per_config,
+                settings.seed,
+                first_id,
+                settings.output_tokens,
             )
             mean_crops = float(np.mean([s.num_crops for s in specs]))
             stem = result_stem(dataset, tier, top_k, blocks, mean_crops)
