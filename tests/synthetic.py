@@ -253,14 +253,14 @@ def clock_advancing_per_file(
 ) -> Callable[[], float]:
     """A ``clock`` for ``run_profile`` that jumps ``seconds`` each time the profiler writes a
     result file (``--max-minutes`` tests stop a sweep between files without waiting)."""
-    from toolkit.profiler import runner
+    from toolkit.profiler import sweep
 
     now = [0.0]
-    write_result = runner.write_result
+    write_result = sweep.write_result
 
     def slow_write(path: Path, document: dict[str, Any]) -> None:
         write_result(path, document)
         now[0] += seconds
 
-    monkeypatch.setattr(runner, "write_result", slow_write)
+    monkeypatch.setattr(sweep, "write_result", slow_write)
     return lambda: now[0]

@@ -172,7 +172,7 @@ def _keys_of_single_plan(
     out: Path, settings: ProfileSettings
 ) -> Counter[tuple[str, str, int, int]]:
     """The keys a single-process sweep of the same settings writes (drawn, not timed)."""
-    from toolkit.profiler.runner import plan_jobs
+    from toolkit.profiler.sweep import plan_jobs
     from toolkit.profiler.writer import dataset_dir_name
 
     plan, _ = plan_jobs(settings, out)

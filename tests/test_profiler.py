@@ -331,6 +331,33 @@ def test_max_minutes_stops_between_files(tmp_path: Path, monkeypatch: pytest.Mon
     assert (rest.files_skipped, rest.files_written, rest.stopped_early) == (2, 2, False)
 
 
+def test_engines_share_the_sweep_and_never_import_each_other() -> None:
+    """Settings, planning and validation live in profiler/sweep.py; the single-process and
+    Ray engines import it, and neither imports the other (toolkit.profiler.run_profile
+    picks the engine)."""
+    import ast
+
+    import toolkit.profiler as package
+
+    folder = Path(package.__file__).parent
+
+    def imported(module: str) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse((folder / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    runner, ray_runner = imported("runner"), imported("ray_runner")
+    assert "toolkit.profiler.sweep" in runner and "toolkit.profiler.sweep" in ray_runner
+    assert not any(name.startswith("toolkit.profiler.ray_runner") for name in runner)
+    assert not any(name.startswith("toolkit.profiler.runner") for name in ray_runner)
+    assert not {"toolkit.profiler.runner", "toolkit.profiler.ray_runner"} & imported("sweep")
+
+
 # --- errors and the CLI -----------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """``latkit profile --ray``: one sweep over the ``ProfileWorker`` actors of a Ray cluster.
 
 The driver (this process) owns the sweep: the plan, the interleaved order of its samples
-and every file (:class:`toolkit.profiler.runner.Sweep`, the same code as the single-process
+and every file (:class:`toolkit.profiler.sweep.Sweep`, the same code as the single-process
 engine). Workers only measure: each ``ProfileWorker`` builds the model once, then times the
 samples it is sent.
 
@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -49,14 +48,14 @@ from toolkit.profiler.measure import (
     set_measuring_threads,
 )
 from toolkit.profiler.model import TRANSFORMERS_MODULES
-from toolkit.profiler.runner import (
+from toolkit.profiler.sweep import (
     ProfileReport,
     ProfileSettings,
     RaySettings,
     Sweep,
-    _validate,
     resolve_device,
     sample_metadata,
+    validate_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,6 @@ PIPELINE = 2
 #: How long the driver waits for its first workers to build their models, or, mid-sweep,
 #: for any worker at all.
 STARTUP_TIMEOUT_S = 900.0
-_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$")
 
 
 def import_ray() -> ModuleType:
@@ -77,12 +75,6 @@ def import_ray() -> ModuleType:
     except ImportError:
         raise LatkitError(RAY_MISSING) from None
     return ray
-
-
-def check_address(address: str) -> str:
-    if address in ("local", "auto") or _ADDRESS.match(address):
-        return address
-    raise LatkitError(f"--ray {address!r}: expected local, auto, host:port or ray://host:port")
 
 
 class ProfileWorker:
@@ -211,8 +203,6 @@ def _cluster_plan(settings: ProfileSettings, resources: dict[str, float]) -> tup
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 0))
     wanted = settings.ray.workers
-    if wanted is not None and wanted < 1:
-        raise LatkitError("--workers must be at least 1")
     device_type = settings.device
     if device_type == "auto":
         device_type = "cuda" if gpus > 0 else "cpu"
@@ -543,12 +533,11 @@ def run_profile_ray(
     on_result: Callable[[RayDriver], None] | None = None,
 ) -> ProfileReport:
     """The sweep of ``settings`` on Ray, written exactly as a single-process sweep writes it."""
-    assert settings.ray is not None
-    address = check_address(settings.ray.address)
+    if settings.ray is None:
+        raise LatkitError("settings.ray is not set: run the sweep with run_profile")
+    validate_settings(settings)
+    address = settings.ray.address
     ray = import_ray()
-    _validate(settings, *_layers_and_experts(settings.preset))
-    if settings.ray.workers is not None and settings.ray.workers < 1:
-        raise LatkitError("--workers must be at least 1")
     sweep = Sweep(settings, clock)
     engine: dict[str, Any] = {
         "name": "ray",
@@ -608,10 +597,3 @@ def run_profile_ray(
         restarts=len(driver.restart_events),
         startup_s=startup_s,
     )
-
-
-def _layers_and_experts(preset: str) -> tuple[int, int]:
-    from toolkit.profiler.model import get_preset
-
-    spec = get_preset(preset)
-    return spec.num_layers, spec.num_experts
