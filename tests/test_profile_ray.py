@@ -8,11 +8,16 @@ installed (``pip install 'latkit[ray]'``; CI installs it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +35,7 @@ from toolkit.profiler import ray_runner as ray_runner_module
 from toolkit.profiler.measure import DEVICE_NAME_ENV
 from toolkit.profiler.ray_runner import RayDriver, run_profile_ray
 
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'latkit[ray]'")
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +100,20 @@ def _without_times(doc: dict[str, Any]) -> dict[str, Any]:
 def _run_log(root: Path) -> dict[str, Any]:
     log: dict[str, Any] = json.loads((root / "logs" / "run.json").read_text())
     return log
+
+
+#: ``latkit`` of this checkout, run in a fresh process.
+CLI = [sys.executable, "-c", "from toolkit.cli import main; main()"]
+#: What decides how a process authenticates to a Ray cluster (left out unless a test sets it).
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+
+
+def _process_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this checkout first on its path, no Ray
+    authentication or address settings but those given."""
+    env = {k: v for k, v in os.environ.items() if k not in RAY_AUTH_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *sys.path])
+    return {**env, **extra}
 
 
 def _cmdline(pid: int) -> str:
@@ -207,11 +226,9 @@ def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
         "5",
         "--no-progress",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    code = "from toolkit.cli import main; main()"
     driver = subprocess.Popen(
-        [sys.executable, "-c", code, *args, "--ray", ray_address, "--workers", "2"],
-        env=env,
+        [*CLI, *args, "--ray", ray_address, "--workers", "2"],
+        env=_process_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -304,3 +321,135 @@ def test_mixed_devices_refused_unless_allowed(
     assert json.loads(result.stdout)["samples_per_device"] == dict(devices)
     text = CliRunner().invoke(main, ["inspect", "--results-dir", str(allowed)]).stdout
     assert "Samples per device" in text and "Simulated GPU" in text
+
+
+# --- joining a cluster by address (a head that the test starts itself) -----------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _session_pids(session_id: int) -> list[int]:
+    """The live processes of a session (the head's ``ray start`` and everything it started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session_id:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _stop_head(head: subprocess.Popen[bytes]) -> None:
+    """Stop a ``ray start --head --block`` and every process of its session, and nothing else
+    (``ray stop`` would stop every Ray on the machine)."""
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)  # --block: the head drains and stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _session_pids(head.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _session_pids(head.pid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def token_head() -> Iterator[tuple[str, str]]:
+    """A Ray head started with ``ray start --head`` and token authentication: its own token,
+    temp dir and ports, in a session of its own. Yields (address, token); stops the head and
+    every process it started however the test ends."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("finds the head's processes through /proc (Linux)")
+    token = secrets.token_hex(16)
+    # Short: Ray's socket paths under it must stay within 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="latkit-ray-", dir="/tmp"))
+    port, dashboard, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
+    command = [
+        *[sys.executable, "-m", "ray.scripts.scripts", "start", "--head"],
+        *[f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+        *[f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}"],
+        *[f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}"],
+        *[f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}"],
+        *["--disable-usage-stats", "--block"],
+    ]
+    log_path = temp_dir / "head.log"
+    with log_path.open("wb") as head_log:
+        head = subprocess.Popen(
+            command,
+            env=_process_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
+            stdout=head_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        address_file = temp_dir / "ray_current_cluster"  # written once the head is up
+        deadline = time.monotonic() + 120
+        while not address_file.exists():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"`ray start --head` did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield address_file.read_text().strip(), token
+    finally:
+        _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_join_by_address_with_token_authentication(
+    token_head: tuple[str, str], tmp_path: Path
+) -> None:
+    """``--ray HOST:PORT`` against a head with token authentication: without the token the
+    join fails in one line that names the cause; with RAY_AUTH_MODE=token and the head's
+    token it measures the sweep on the head's worker."""
+    address, token = token_head
+    out = tmp_path / "joined"
+    args = [*CLI, "profile", "--ray", address, "--output-dir", str(out), "--no-progress"]
+    args += ["--datasets", "tally_qa", "--tiers", "low", "--top-k", "4", "--blocks", "8"]
+    args += ["--samples-per-config", "1", "--repeats", "1"]
+
+    # One connection attempt instead of Ray's twenty (a second each).
+    refused = subprocess.run(
+        args,
+        env=_process_env(RAY_gcs_server_port_wait_time_s="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: --ray {address}: could not start or join Ray: Failed to connect to Ray "
+        f"cluster at {address} (the cluster uses token authentication and this driver's "
+        f"token is missing or not the head's: {ray_runner_module.TOKEN_HOWTO})"
+    ], refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and not _files(out)
+
+    joined = subprocess.run(
+        args,
+        env=_process_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert "profile done on Ray (1 workers, 0 restarts" in joined.stdout
+    (name,) = _files(out)
+    assert name.startswith("tally-qa/tally-qa_imgsizetier-low_")
+    engine = _run_log(out)["engine"]
+    assert (engine["runtime"], engine["address"], engine["nodes"]) == ("connected", address, 1)
+    (worker,) = engine["workers"]
+    assert worker["samples"] == 1 and worker["state"] == "stopped"

@@ -446,6 +446,33 @@ def test_cli_ray_flags_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.Monk
         assert flag in help_text
 
 
+def test_failed_join_names_its_likely_cause() -> None:
+    """The hint after "could not start or join Ray", from the exception chain Ray 2.60 raises
+    (the real refusal is tested against a head in test_profile_ray.py)."""
+    from toolkit.profiler.ray_runner import TOKEN_HOWTO, join_failure_hint
+
+    def failed_join(cause: str) -> ConnectionError:
+        try:
+            try:
+                raise RuntimeError(f"Failed to connect to GCS. Last connection error: {cause}")
+            except RuntimeError as exc:
+                raise ConnectionError("Failed to connect to Ray cluster at h:6379") from exc
+        except ConnectionError as exc:
+            return exc
+
+    refused = failed_join("ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken")
+    assert join_failure_hint("h:6379", refused).endswith(f"not the head's: {TOKEN_HOWTO})")
+    assert "token is missing" in join_failure_hint("auto", refused)
+    silent = failed_join("ray.exceptions.RpcError: Timed out while waiting for GCS")
+    assert join_failure_hint("h:6379", silent) == (
+        " (no Ray head answered at h:6379: is it running, is the port reachable?)"
+    )
+    assert join_failure_hint("auto", silent) == " (start one with `ray start --head`)"
+    other = failed_join("something else")
+    assert "most likely uses token authentication" in join_failure_hint("h:6379", other)
+    assert join_failure_hint("local", refused) == ""
+
+
 def test_canary_speed_factor_on_every_sample(tmp_path: Path) -> None:
     report = run_profile(_small(tmp_path, repeats=1, canary_every=3))
     samples = [

@@ -114,7 +114,9 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
     help="Run the sweep on Ray (needs `pip install 'latkit[ray]'`): 'local' starts Ray on "
     "this machine (CPU: --workers x --threads CPUs; GPU: one worker per GPU), 'auto' joins "
     "the running cluster, ADDRESS is host:port or ray://host:port. One ProfileWorker actor "
-    "per GPU (or per --threads CPUs); same files as without --ray.",
+    "per GPU (or per --threads CPUs); same files as without --ray. Joining a cluster with "
+    "token authentication (Ray 2.59+) by address needs RAY_AUTH_MODE=token and the head's "
+    "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) in this shell.",
 )
 @click.option(
     "--workers",

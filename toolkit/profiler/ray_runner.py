@@ -133,6 +133,48 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: What Ray (2.59+) says, somewhere in the chain of a failed join, when the head uses token
+#: authentication and the driver's token is missing or wrong.
+_AUTH_REFUSED = ("InvalidAuthToken", "AuthenticationError", "Unauthenticated")
+#: How to give a driver the head's token (the README's "Profiling on a cluster" says more).
+TOKEN_HOWTO = (
+    "set RAY_AUTH_MODE=token and give this process the head's token (print it on the head "
+    "with `ray get-auth-token`) as RAY_AUTH_TOKEN or in ~/.ray/auth_token; every node that "
+    "joins needs the same two"
+)
+
+
+def join_failure_hint(address: str, exc: BaseException) -> str:
+    """The likely cause of a failed ``ray.init``, for the one-line error.
+
+    A head started with ``ray start --head`` uses token authentication when it finds a token
+    (Ray 2.59+: any earlier ``ray.init()`` on that machine saved one in ~/.ray/auth_token).
+    ``--ray auto`` picks that token up by itself, but an explicit address never does: it
+    fails with a bare "Failed to connect to Ray cluster" unless RAY_AUTH_MODE=token is set.
+    """
+    if address == "local":
+        return ""
+    chain: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 8:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(chain)
+    if any(marker in text for marker in _AUTH_REFUSED):
+        return (
+            " (the cluster uses token authentication and this driver's token is missing or "
+            f"not the head's: {TOKEN_HOWTO})"
+        )
+    if address == "auto":
+        return " (start one with `ray start --head`)"
+    if "Timed out while waiting for GCS" in text:
+        return f" (no Ray head answered at {address}: is it running, is the port reachable?)"
+    return (
+        f" (is a Ray head running at {address}? If it is, it most likely uses token "
+        f"authentication, on by default since Ray 2.59: {TOKEN_HOWTO})"
+    )
+
+
 @contextlib.contextmanager
 def _preloading_workers() -> Iterator[None]:
     """Let the Ray runtime this process starts import torch, transformers and latkit in its
@@ -175,9 +217,9 @@ def ray_session(
         else:
             ray.init(address=address, log_to_driver=False)
     except Exception as exc:  # ConnectionError, ValueError, RuntimeError, grpc errors...
-        hint = " (start one with `ray start --head`)" if address == "auto" else ""
         raise LatkitError(
-            f"--ray {address}: could not start or join Ray: {_first_line(exc)}{hint}"
+            f"--ray {address}: could not start or join Ray: {_first_line(exc)}"
+            f"{join_failure_hint(address, exc)}"
         ) from None
     try:
         yield "started" if address == "local" else "connected"
