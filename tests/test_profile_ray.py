@@ -26,12 +26,17 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from synthetic import SAMPLE_TIME_FIELDS, clock_advancing_per_file, read_result_file
+from synthetic import (
+    clock_advancing_per_sample,
+    read_result_file,
+    without_times,
+)
 
 from toolkit.cli import main
 from toolkit.errors import LatkitError
 from toolkit.profiler import ProfileSettings, RaySettings, run_profile
 from toolkit.profiler import ray_runner as ray_runner_module
+from toolkit.profiler.journal import JournaledSample, parse_sample_line
 from toolkit.profiler.measure import DEVICE_NAME_ENV
 from toolkit.profiler.ray_runner import RayDriver, run_profile_ray
 
@@ -88,13 +93,11 @@ def _keys(root: Path) -> Counter[tuple[str, str, int, int]]:
     return keys
 
 
-def _without_times(doc: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k != "latency_stats"}
-    out["per_sample_results"] = [
-        {k: v for k, v in s.items() if k not in SAMPLE_TIME_FIELDS}
-        for s in doc["per_sample_results"]
-    ]
-    return out
+def _journaled(root: Path) -> list[JournaledSample]:
+    """The samples of a results tree's journal: its complete lines after the header (a line
+    cut off by a killed driver has no newline yet)."""
+    lines = (root / "logs" / "samples.jsonl").read_text().split("\n")[1:-1]
+    return [parse_sample_line(line) for line in lines]
 
 
 def _run_log(root: Path) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def test_ray_sweep_writes_what_one_process_writes(ray_address: str, tmp_path: Pa
     assert sorted(one) == sorted(many)  # same names: same drawn crops
     for name in one:
         # Same fields, sample ids, token counts and crops; only the times differ.
-        assert _without_times(one[name]) == _without_times(many[name]), name
+        assert without_times(one[name]) == without_times(many[name]), name
         assert set(many[name]["latency_stats"]) == set(one[name]["latency_stats"])
     keys = _keys(tmp_path / "ray")
     assert keys == _keys(tmp_path / "single") and set(keys.values()) == {1}
@@ -164,14 +167,17 @@ def test_ray_sweep_writes_what_one_process_writes(ray_address: str, tmp_path: Pa
 
 
 def test_sigkilled_worker_costs_nothing(ray_address: str, tmp_path: Path) -> None:
-    """A ProfileWorker process killed mid-sweep: its samples run again elsewhere, once."""
+    """A ProfileWorker process killed mid-sweep: its samples run again elsewhere, and land in
+    the files and the driver's journal once."""
     killed: list[tuple[int, str]] = []
+    journaled: list[list[JournaledSample]] = []
 
     def kill_one(driver: RayDriver) -> None:
         if not killed and driver.results_done >= 2:
             pid = driver.worker_pids()[0]
             killed.append((pid, _cmdline(pid)))
             os.kill(pid, signal.SIGKILL)
+        journaled.append(_journaled(tmp_path))  # removed when the sweep completes
 
     settings = _settings(tmp_path, samples_per_config=3)
     report = run_profile_ray(settings, on_result=kill_one)
@@ -182,6 +188,9 @@ def test_sigkilled_worker_costs_nothing(ray_address: str, tmp_path: Path) -> Non
     keys = _keys(tmp_path)
     assert len(keys) == 12 and set(keys.values()) == {1}
     assert keys == _keys_of_single_plan(tmp_path / "plan", settings)
+    last = journaled[-1]
+    assert len(last) == 12 and len({(s.key, s.index) for s in last}) == 12
+    assert not (tmp_path / "logs" / "samples.jsonl").exists()
     engine = _run_log(tmp_path)["engine"]
     assert engine["restarts"] == 1
     event = engine["restart_events"][0]
@@ -206,8 +215,9 @@ def _keys_of_single_plan(
 
 
 def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
-    """SIGKILL the driver (a CLI process on the module's cluster) once its first dataset is
-    written: only whole files remain, and --resume finishes the sweep, each sample once."""
+    """SIGKILL the driver (a CLI process on the module's cluster) in its second round: whole
+    files only remain, the journal holds every sample that landed, and --resume measures
+    only the samples that were in flight or not sent yet, each sample once."""
     out = tmp_path / "res"
     args = [
         "profile",
@@ -235,11 +245,14 @@ def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    journal = out / "logs" / "samples.jsonl"
     deadline = time.monotonic() + 180
     try:
-        while not list(out.glob("tally-qa/*.json")):
+        # 12 files of 2 samples: the first round measures one sample of each, so the files
+        # are written in the second round.
+        while not journal.exists() or journal.read_text().count("\n") < 1 + 15:
             assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-            assert time.monotonic() < deadline, "the driver wrote no file in 180 s"
+            assert time.monotonic() < deadline, "the driver journaled 15 samples in 180 s"
             time.sleep(0.02)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
@@ -247,11 +260,14 @@ def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
         if driver.poll() is None:
             driver.kill()
     before = _files(out)
-    assert before and _run_log(out)["status"] == "running"
-    assert len(before) < 12, "the sweep finished before the driver was killed"
+    assert _run_log(out)["status"] == "running"
+    assert 1 <= len(before) < 12, "no file, or every file, written when the driver was killed"
     assert all(doc["num_samples"] == 2 for doc in before.values())  # whole files only
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-*/*.json")}
     assert len(stamps) == len(before)
+    journaled = _journaled(out)
+    assert len({(s.key, s.index) for s in journaled}) == len(journaled) >= 15
+    unwritten = [s for s in journaled if not (out / f"{s.key}.json").exists()]
 
     settings = _settings(
         out,
@@ -262,30 +278,40 @@ def test_resume_after_killed_driver(ray_address: str, tmp_path: Path) -> None:
     report = run_profile(settings)
     assert report.files_skipped == len(before)
     assert report.files_written == 12 - len(before)
+    assert report.samples_reused == len(unwritten)
+    assert report.samples_measured == 24 - 2 * len(before) - len(unwritten)
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
     keys = _keys(out)
     assert len(keys) == 24 and set(keys.values()) == {1}
-    assert _run_log(out)["status"] == "complete"
+    assert _run_log(out)["status"] == "complete" and not journal.exists()
 
 
-def test_max_minutes_stops_between_datasets_and_resume_finishes(
+def test_max_minutes_stops_between_samples_and_resume_finishes(
     ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--max-minutes on Ray: a fake clock jumps 70 s per written file, so with a 1-minute
-    budget the driver stops once the first dataset's files are written; the samples still
-    queued on the workers are dropped (no partial file), and --resume on Ray finishes."""
+    """--max-minutes on Ray: a fake clock jumps 10 s per sample the driver journals, so with a
+    1-minute budget the driver stops after 6 of the 8 samples (the samples still in flight
+    on the workers are dropped, never journaled); --resume on Ray measures only the rest."""
     settings = _settings(tmp_path, max_minutes=1.0)
-    report = run_profile_ray(settings, clock=clock_advancing_per_file(monkeypatch, 70.0))
-    assert report.stopped_early and (report.files_written, report.files_remaining) == (2, 2)
+    with monkeypatch.context() as patch:
+        report = run_profile_ray(settings, clock=clock_advancing_per_sample(patch, 10.0))
+    assert report.stopped_early and report.samples_measured == 6
+    journaled = _journaled(tmp_path)
+    assert len({(s.key, s.index) for s in journaled}) == len(journaled) == 6
+    # The files whose two samples are in, and only those (two, unless the workers' results
+    # landed out of the schedule's order).
+    complete = {key for key, count in Counter(s.key for s in journaled).items() if count == 2}
     first = _files(tmp_path)
-    assert len(first) == 2 and all(doc["num_samples"] == 2 for doc in first.values())
-    assert len({name.split("/")[0] for name in first}) == 1  # one whole dataset
+    assert {name.removesuffix(".json") for name in first} == complete
+    assert report.files_written == len(complete) and report.files_remaining == 4 - len(complete)
     log = _run_log(tmp_path)
     assert log["status"].startswith("stopped: --max-minutes")
     assert log["engine"]["name"] == "ray"
 
     rest = run_profile_ray(_settings(tmp_path, resume=True))
-    assert (rest.files_skipped, rest.files_written, rest.stopped_early) == (2, 2, False)
+    assert (rest.files_skipped, rest.files_written) == (len(complete), 4 - len(complete))
+    assert (rest.samples_reused, rest.samples_measured) == (6 - 2 * len(complete), 2)
+    assert not rest.stopped_early
     keys = _keys(tmp_path)
     assert keys == _keys_of_single_plan(tmp_path / "plan", settings)
     assert set(keys.values()) == {1}

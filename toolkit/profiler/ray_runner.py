@@ -1,9 +1,9 @@
 """``latkit profile --ray``: one sweep over the ``ProfileWorker`` actors of a Ray cluster.
 
-The driver (this process) owns the sweep: the plan, the interleaved order of its samples
-and every file (:class:`toolkit.profiler.sweep.Sweep`, the same code as the single-process
-engine). Workers only measure: each ``ProfileWorker`` builds the model once, then times the
-samples it is sent.
+The driver (this process) owns the sweep: the plan, the interleaved order of its samples,
+the sample journal and every file (:class:`toolkit.profiler.sweep.Sweep`, the same code as
+the single-process engine). Workers only measure (they never write a file): each
+``ProfileWorker`` builds the model once, then times the samples it is sent.
 
 Task size: one sample per task, at most :data:`PIPELINE` tasks queued per worker. A sample
 is the unit a file is made of, so the samples go out in exactly the interleaved order of a
@@ -17,8 +17,9 @@ MolmoE-1B sample on a GPU. The second queued task hides the round trip to the dr
 Faults: a worker whose process dies (``RayActorError``) is replaced by a new actor in its
 slot (a restart, logged); the samples it had queued go back to the front of the queue and
 run on whichever worker is free first. Results are keyed by (file, sample index) and a
-duplicate is ignored, so every sample lands exactly once. A killed driver leaves only
-finished files (each written atomically): ``--resume`` continues.
+duplicate is ignored, so every sample lands (and is journaled) exactly once. A killed driver
+leaves finished files (each written atomically) and the journal of every sample that landed:
+``--resume`` continues, and only the samples that were in flight are measured again.
 
 Ray is an optional dependency (``pip install 'latkit[ray]'``); importing this module does
 not need it.
@@ -387,7 +388,7 @@ class RayDriver:
         if len(self.restart_events) > self.max_restarts:
             raise LatkitError(
                 f"ProfileWorkers were lost {len(self.restart_events)} times (last: "
-                f"{event['error']}); finished files are kept: fix the cluster and rerun "
+                f"{event['error']}); measured samples are kept: fix the cluster and rerun "
                 "with --resume"
             )
         with contextlib.suppress(Exception):
@@ -449,16 +450,15 @@ class RayDriver:
         ray = self.ray
         sweep = self.sweep
         queue: deque[SampleTask] = deque(
-            sweep.plan[job].task(job, index)
-            for _dataset, rounds in sweep.schedule
-            for units in rounds
-            for job, index in units
+            sweep.plan[job].task(job, index) for job, index in sweep.pending()
         )
         mixed = self.ray_settings.allow_mixed_devices
-        remaining = sweep.total_samples
+        remaining = len(queue)
         last_alive = sweep.clock()
         while remaining > 0:
             if sweep.out_of_time():
+                in_flight = sum(len(w.inflight) for w in self.workers)
+                log.info("--max-minutes: %d sample(s) in flight are dropped", in_flight)
                 return True
             if self.alive():
                 last_alive = sweep.clock()
@@ -466,7 +466,7 @@ class RayDriver:
                 raise LatkitError(
                     f"no ProfileWorker could be restarted for {STARTUP_TIMEOUT_S:.0f} s "
                     f"(cluster resources: {_resources_summary(ray.cluster_resources())}); "
-                    "finished files are kept: rerun with --resume"
+                    "measured samples are kept: rerun with --resume"
                 )
             # Fill every live worker's pipeline, one task per worker per pass (round robin).
             filling = True
@@ -522,10 +522,6 @@ class RayDriver:
                 remaining -= 1
                 self.results_done += 1
                 bar.update(1)
-                dataset = sweep.plan[result.job].dataset
-                if sweep.dataset_complete(dataset):
-                    sweep.context = self.context()
-                    sweep.write_dataset(dataset)
                 sweep.show_progress(bar, len(self.alive()))
                 if self.on_result is not None:
                     self.on_result(self)
@@ -587,9 +583,29 @@ def run_profile_ray(
         "address": address,
         "task": f"one sample per task, up to {PIPELINE} queued per worker",
     }
-    if not sweep.plan:
-        sweep.context = {"engine": engine}
-        log.info("Nothing to measure: all %d files exist", sweep.skipped)
+    try:
+        return _run(ray, settings, sweep, engine, on_result)
+    finally:
+        sweep.close()
+
+
+def _run(
+    ray: Any,
+    settings: ProfileSettings,
+    sweep: Sweep,
+    engine: dict[str, Any],
+    on_result: Callable[[RayDriver], None] | None,
+) -> ProfileReport:
+    assert settings.ray is not None
+    address = settings.ray.address
+    clock = sweep.clock
+    if not sweep.pending():
+        sweep.describe = lambda: {"engine": engine}
+        log.info(
+            "Nothing to measure: %d files exist, %d samples reused",
+            sweep.skipped,
+            sweep.reused,
+        )
         return dataclasses.replace(sweep.finish(False), engine="ray", workers=0)
     local = _local_resources(settings) if address == "local" else ("", None, None)
     with ray_session(ray, address, local[1], local[2]) as runtime:
@@ -606,14 +622,17 @@ def run_profile_ray(
         )
         log.info(
             "Profiling preset %s on Ray (%s: %d node(s), %s): %d %s worker(s); "
-            "%d files to measure, %d already done",
+            "%d samples of %d files to measure (%d rounds across all files), %d files "
+            "already done",
             settings.preset,
             runtime,
             nodes,
             _resources_summary(resources),
             n_workers,
             device_type,
+            len(sweep.pending()),
             len(sweep.plan),
+            len(sweep.schedule),
             sweep.skipped,
         )
         driver = RayDriver(ray, settings, sweep, device_type, n_workers, engine, on_result)
@@ -623,14 +642,13 @@ def run_profile_ray(
             driver.wait_for_workers()
             startup_s = clock() - sweep.started
             engine["startup_s"] = round(startup_s, 2)
-            sweep.context = driver.context()
+            sweep.describe = driver.context
             sweep.write_log("running")
             with sweep.progress_bar() as bar:
                 sweep.show_progress(bar, len(driver.alive()))
                 stopped = driver.run(bar)
         finally:
             driver.stop()
-        sweep.context = driver.context()
         report = sweep.finish(stopped)
     return dataclasses.replace(
         report,

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -63,13 +64,25 @@ def _run(
 ) -> ProfileReport:
     """The single-process engine: this process measures the schedule in order."""
     sweep = Sweep(settings, clock)
+    try:
+        return _measure(sweep, device)
+    finally:
+        sweep.close()
+
+
+def _measure(sweep: Sweep, device: torch.device) -> ProfileReport:
+    settings = sweep.settings
+    pending = sweep.pending()
     log.info(
-        "Profiling preset %s on %s (%s, %d thread(s)): %d files to measure, %d already done",
+        "Profiling preset %s on %s (%s, %d thread(s)): %d samples of %d files to measure "
+        "(%d rounds across all files), %d files already done",
         sweep.preset.name,
         device,
         settings.dtype,
         torch.get_num_threads(),
+        len(pending),
         len(sweep.plan),
+        len(sweep.schedule),
         sweep.skipped,
     )
     measurer = Measurer(
@@ -80,38 +93,30 @@ def _run(
         settings.repeats,
         settings.canary_every,
     )
-    startup_s = clock() - sweep.started
-    sweep.context = {
+    startup_s = sweep.clock() - sweep.started
+    context = {
         "device": device_info(device),
         "model": measurer.model_info(),
         # Start-up as the Ray engine counts it: from planning until the model is built.
         "engine": {"name": "single-process", "startup_s": round(startup_s, 2)},
     }
 
-    def note_canary() -> None:
-        if settings.canary_every:
-            summary = {"worker": "local", **canary_summary(measurer.canaries_ms)}
-            sweep.context["canary"] = {"every": settings.canary_every, "workers": [summary]}
+    def describe() -> dict[str, Any]:
+        if not settings.canary_every:
+            return dict(context)
+        summary = {"worker": "local", **canary_summary(measurer.canaries_ms)}
+        return {**context, "canary": {"every": settings.canary_every, "workers": [summary]}}
 
+    sweep.describe = describe
     sweep.write_log("running")
     stopped = False
     with sweep.progress_bar() as bar:
-        for dataset, rounds in sweep.schedule:
+        for job, index in pending:
             if sweep.out_of_time():
                 stopped = True
                 break
-            for round_index, units in enumerate(rounds):
-                if round_index > 0 and sweep.out_of_time():
-                    stopped = True
-                    break
-                for job, index in units:
-                    result = measurer.measure(sweep.plan[job].task(job, index))
-                    sweep.add(result, sample_metadata(result))
-                    bar.update(1)
-            if stopped:
-                break
-            note_canary()
-            sweep.write_dataset(dataset)
+            result = measurer.measure(sweep.plan[job].task(job, index))
+            sweep.add(result, sample_metadata(result))
+            bar.update(1)
             sweep.show_progress(bar)
-    note_canary()
     return dataclasses.replace(sweep.finish(stopped), startup_s=startup_s)

@@ -2,8 +2,9 @@
 
 The settings of ``latkit profile`` and their validation; the plan (which files, which drawn
 samples, what ``--resume`` skips) and the interleaved order of its samples; and
-:class:`Sweep`, which collects the timings, writes each file atomically once its samples are
-in, and keeps ``logs/run.json``. Two engines feed it and import it, never each other:
+:class:`Sweep`, which collects the timings (journaling each sample in ``logs/samples.jsonl``
+as it lands), writes each file atomically once its samples are in, and keeps
+``logs/run.json``. Two engines feed it and import it, never each other:
 ``toolkit.profiler.runner`` measures in this process, ``toolkit.profiler.ray_runner`` on the
 ``ProfileWorker`` actors of a Ray cluster; :func:`toolkit.profiler.run_profile` picks one.
 """
@@ -41,6 +42,7 @@ from toolkit.profiler.datasets import (
     draw_samples,
     parse_datasets,
 )
+from toolkit.profiler.journal import JOURNAL_NAME, JournaledSample, SampleJournal
 from toolkit.profiler.measure import (
     DTYPES,
     SampleTask,
@@ -60,6 +62,22 @@ from toolkit.profiler.writer import (
 log = logging.getLogger(__name__)
 
 _RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$")
+#: How often (seconds of the sweep's clock) ``logs/run.json`` is rewritten while it runs.
+LOG_EVERY_S = 30.0
+#: How the samples are ordered, as ``logs/run.json`` says it (``schedule``).
+SCHEDULE = (
+    "rounds across all files: round j measures sample j of every (dataset, configuration) "
+    "file, in a fresh seeded random order over all files; a file is written when its last "
+    "sample is in, and every sample is journaled in logs/samples.jsonl as it lands"
+)
+SCHEDULE_WHY = (
+    "the machine's speed drifts over a sweep; measured dataset after dataset, the drift "
+    "aliased with the datasets and their prompt and answer lengths (in the bundled sweeps "
+    "measured that way, the other datasets' decode pass ran 0.98-1.60x the time of the same "
+    "configurations' coco_caption samples, and the vision encoder per crop, which no dataset "
+    "changes, 0.95-1.34x); measured across all files, it spreads evenly over datasets, "
+    "prompt and answer lengths and knobs"
+)
 
 
 @dataclass
@@ -116,6 +134,8 @@ class ProfileReport:
     noise: dict[str, Any]
     log_path: Path
     engine: str = "single-process"
+    #: Samples of unfinished files taken from ``logs/samples.jsonl`` (``--resume``).
+    samples_reused: int = 0
     workers: int = 1
     restarts: int = 0
     startup_s: float = 0.0
@@ -145,9 +165,16 @@ class Job:
             warm_spec=self.specs[0],
         )
 
+    @property
+    def key(self) -> str:
+        """The file's path under the results directory without ``.json``/``.json.gz``: its
+        key in the sample journal (the same whether or not the sweep is gzipped)."""
+        name = self.path.name.removesuffix(".gz").removesuffix(".json")
+        return f"{self.path.parent.name}/{name}"
 
-#: The interleaved order of a sweep: per dataset, rounds of (job, sample index).
-Schedule = list[tuple[str, list[list[tuple[int, int]]]]]
+
+#: The interleaved order of a sweep: rounds of (job, sample index).
+Schedule = list[list[tuple[int, int]]]
 
 
 def make_ray_settings(
@@ -302,26 +329,40 @@ def plan_jobs(settings: ProfileSettings, out_dir: Path) -> tuple[list[Job], int]
 
 
 def interleaved_schedule(plan: list[Job], seed: int) -> Schedule:
-    """The order samples are measured in, the same for every engine.
+    """The order samples are measured in, the same for every engine: rounds across all files.
 
-    The files of one dataset are measured together, round by round (round j times sample j
-    of every configuration, in a fresh random order). On a shared machine the load drifts
-    over minutes; measuring one configuration after another would alias that drift with the
-    knobs (we saw top_k 12 "faster" than top_k 4), while interleaving spreads it evenly over
-    all configurations. A dataset's files are written as soon as its last round is done.
+    Round j measures sample j of every file of the plan (every dataset and configuration), in
+    a fresh seeded random order. On a shared machine the load drifts over minutes. Measuring
+    one configuration after another aliased that drift with the knobs (we saw top_k 12
+    "faster" than top_k 4). Measuring dataset after dataset (interleaved within each)
+    aliased it with the datasets, which differ in prompt and answer lengths: in the bundled
+    sweeps the other datasets' median decode pass ran 1.11-1.44x (small preset) and
+    0.98-1.60x (tiny) the time of the same configurations' coco_caption samples, and the
+    vision encoder per crop, which no dataset changes, moved with it (1.05-1.17x,
+    0.95-1.34x; ``benchmarks/schedule_drift.py``), so a model learnt a speed difference
+    between long and short answers that was only the time each dataset was measured at.
+    Across all files the drift spreads evenly over datasets, prompt and answer lengths and
+    knobs alike.
     """
-    groups: dict[str, list[int]] = {}
-    for job_index, job in enumerate(plan):
-        groups.setdefault(job.dataset, []).append(job_index)
     shuffle = np.random.default_rng([seed, 11])
-    schedule: Schedule = []
-    for dataset, job_indices in groups.items():
-        rounds = []
-        for round_index in range(max(len(plan[i].specs) for i in job_indices)):
-            order = shuffle.permutation(job_indices).tolist()
-            rounds.append([(i, round_index) for i in order if round_index < len(plan[i].specs)])
-        schedule.append((dataset, rounds))
-    return schedule
+    rounds: Schedule = []
+    for round_index in range(max((len(job.specs) for job in plan), default=0)):
+        order = shuffle.permutation(len(plan)).tolist()
+        rounds.append([(i, round_index) for i in order if round_index < len(plan[i].specs)])
+    return rounds
+
+
+def _measurement(settings: ProfileSettings) -> dict[str, Any]:
+    """What a sample's timings depend on beyond its drawn spec (the journal's header)."""
+    return {
+        "preset": settings.preset,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "repeats": settings.repeats,
+        "threads": settings.threads,
+        "seed": settings.seed,
+        "canary_every": settings.canary_every,
+    }
 
 
 def sample_metadata(result: TaskResult, device_name: str | None = None) -> dict[str, Any]:
@@ -336,11 +377,12 @@ def sample_metadata(result: TaskResult, device_name: str | None = None) -> dict[
 
 class Sweep:
     """The bookkeeping both engines share: the plan and its interleaved schedule, the samples
-    measured so far (each (file, sample) kept once), the files (written atomically once all
-    their samples are in) and ``logs/run.json``.
+    measured so far (each (file, sample) kept once and journaled as it lands), the files
+    (written atomically once all their samples are in) and ``logs/run.json``.
 
-    An engine sets ``context`` (``device``, ``model``, ``engine``, optionally ``canary``)
-    before the first :meth:`write_log`.
+    An engine sets ``describe`` (a function giving the log's ``device``, ``model``,
+    ``engine`` and optionally ``canary``) before the first :meth:`write_log`, and ends with
+    :meth:`finish` (or :meth:`close`, if it fails).
     """
 
     def __init__(self, settings: ProfileSettings, clock: Callable[[], float]) -> None:
@@ -362,63 +404,117 @@ class Sweep:
                 )
         self.plan, self.skipped = plan_jobs(settings, self.out_dir)
         self.schedule = interleaved_schedule(self.plan, settings.seed)
-        self.context: dict[str, Any] = {}
+        self.describe: Callable[[], dict[str, Any]] = dict
         self.written = 0
         self.measured = 0
         self._results: dict[int, dict[int, tuple[SampleTiming, dict[str, Any]]]] = {}
         self._written_jobs: set[int] = set()
+        self._logged_at = self.started
+        self.journal = SampleJournal(self.out_dir / "logs" / JOURNAL_NAME, _measurement(settings))
+        reused = self._reuse_journal() if settings.resume else []
+        self.journal.start(reused)
+        self.reused = len(reused)
+        for job_index, held in list(self._results.items()):
+            if len(held) == len(self.plan[job_index].specs):
+                self._write_file(job_index)  # its last sample was journaled, its file not
+
+    def _reuse_journal(self) -> list[JournaledSample]:
+        """The journal's samples of this sweep's unwritten files, held as if measured now."""
+        samples, unreadable = self.journal.read()
+        jobs = {job.key: job_index for job_index, job in enumerate(self.plan)}
+        kept: list[JournaledSample] = []
+        stale = outside = 0
+        for sample in samples:
+            job_index = jobs.get(sample.key)
+            if job_index is None:
+                # A written file's sample (expected), or a file outside this sweep's grid.
+                outside += not any(
+                    (self.out_dir / (sample.key + ext)).exists() for ext in (".json", ".json.gz")
+                )
+                continue
+            specs = self.plan[job_index].specs
+            if sample.index >= len(specs) or specs[sample.index] != sample.timing.spec:
+                stale += 1
+                continue
+            held = self._results.setdefault(job_index, {})
+            if sample.index not in held:
+                held[sample.index] = (sample.timing, sample.metadata)
+                kept.append(sample)
+        path = self.journal.path
+        if unreadable:
+            log.warning(
+                "%s: %d unreadable line(s) ignored (a sample being written when the sweep "
+                "was killed)",
+                path,
+                unreadable,
+            )
+        if stale:
+            log.warning(
+                "%s: %d sample(s) drawn otherwise than this sweep draws them (another --seed, "
+                "--output-tokens or --samples-per-config?) are measured again",
+                path,
+                stale,
+            )
+        if outside:
+            log.warning("%s: %d sample(s) of files outside this sweep dropped", path, outside)
+        if kept:
+            log.info("Reusing %d measured sample(s) from %s", len(kept), path)
+        return kept
 
     @property
     def total_samples(self) -> int:
         return sum(len(job.specs) for job in self.plan)
+
+    def pending(self) -> list[tuple[int, int]]:
+        """The (job, sample index) still to measure, in schedule order."""
+        return [
+            (job, index)
+            for units in self.schedule
+            for job, index in units
+            if job not in self._written_jobs and index not in self._results.get(job, {})
+        ]
 
     def out_of_time(self) -> bool:
         limit = self.settings.max_minutes
         return limit is not None and self.clock() - self.started >= limit * 60
 
     def add(self, result: TaskResult, metadata: dict[str, Any]) -> bool:
-        """Keep a measured sample; False (and ignored) if that sample is already in."""
+        """Keep a measured sample: journal it, and write its file if it was the file's last
+        (the log too, every :data:`LOG_EVERY_S`). False (and ignored) if it is already in."""
+        if result.job in self._written_jobs:
+            return False
         held = self._results.setdefault(result.job, {})
-        if result.index in held or result.job in self._written_jobs:
+        if result.index in held:
             return False
         held[result.index] = (result.timing, metadata)
+        job = self.plan[result.job]
+        self.journal.append(JournaledSample(job.key, result.index, result.timing, metadata))
+        self.measured += 1
+        if len(held) == len(job.specs):
+            self._write_file(result.job)
+        if self.clock() - self._logged_at >= LOG_EVERY_S:
+            self.write_log("running")
         return True
 
-    def dataset_jobs(self, dataset: str) -> list[int]:
-        return [i for i, job in enumerate(self.plan) if job.dataset == dataset]
-
-    def dataset_complete(self, dataset: str) -> bool:
-        return all(
-            len(self._results.get(i, {})) == len(self.plan[i].specs)
-            for i in self.dataset_jobs(dataset)
+    def _write_file(self, job_index: int) -> None:
+        job = self.plan[job_index]
+        held = self._results.pop(job_index)
+        timings = [held[index][0] for index in range(len(job.specs))]
+        metadata = [held[index][1] for index in range(len(job.specs))]
+        document = result_document(
+            job.tier, job.top_k, job.blocks, self.preset.num_layers, timings, metadata
         )
-
-    def write_dataset(self, dataset: str) -> None:
-        """Write every file of a dataset whose samples are all in, then the log."""
-        for i in self.dataset_jobs(dataset):
-            job = self.plan[i]
-            held = self._results.pop(i)
-            timings = [held[index][0] for index in range(len(job.specs))]
-            metadata = [held[index][1] for index in range(len(job.specs))]
-            document = result_document(
-                job.tier, job.top_k, job.blocks, self.preset.num_layers, timings, metadata
-            )
-            write_result(job.path, document)
-            self.records[str(job.path.relative_to(self.out_dir))] = noise_records(timings)
-            self._written_jobs.add(i)
-            self.written += 1
-            self.measured += len(job.specs)
-        self.write_log("running")
-
-    def unwritten_samples(self) -> int:
-        """Samples measured for files that were not written (a stopped sweep discards them)."""
-        return sum(len(held) for held in self._results.values())
+        write_result(job.path, document)
+        self.records[str(job.path.relative_to(self.out_dir))] = noise_records(timings)
+        self._written_jobs.add(job_index)
+        self.written += 1
 
     def progress_bar(self) -> Any:
         from tqdm import tqdm
 
         return tqdm(
             total=self.total_samples,
+            initial=self.reused,
             unit="sample",
             desc="profile",
             file=sys.stderr,
@@ -439,7 +535,7 @@ class Sweep:
             for key, values in per_file.items():
                 merged.setdefault(key, []).extend(values)
         noise = noise_summary(merged) if merged else {}
-        context = dict(self.context)
+        context = self.describe()
         document: dict[str, Any] = {
             "status": status,
             "started_at": self.started_at,
@@ -451,40 +547,54 @@ class Sweep:
             "device": context.pop("device", {}),
             "model": context.pop("model", {}),
             **context,
+            "schedule": {"order": SCHEDULE, "why": SCHEDULE_WHY, "rounds": len(self.schedule)},
             "files": {
                 "planned": len(self.plan),
                 "written": self.written,
                 "skipped_existing": self.skipped,
             },
+            "samples": {
+                "planned": self.total_samples,
+                "reused_from_journal": self.reused,
+                "measured": self.measured,
+            },
             "noise_floor": noise,
             "noise_records": self.records,
         }
         write_json_atomic(self.log_path, document, indent=None)
+        self._logged_at = self.clock()
         return noise
 
+    def close(self) -> None:
+        """Close the journal (kept for ``--resume``); :meth:`finish` calls it."""
+        self.journal.close()
+
     def finish(self, stopped: bool) -> ProfileReport:
-        """Write the final log, say how it ended, and report."""
+        """Write the final log, say how it ended, and report. A complete sweep removes its
+        journal: its files hold every sample (keeping it would double the size of a results
+        tree, and a complete tree has nothing to resume)."""
         settings = self.settings
-        discarded = self.unwritten_samples()
-        if discarded:
-            log.warning(
-                "Discarded %d samples of an unfinished dataset (no partial files).", discarded
-            )
         remaining = len(self.plan) - self.written
         if stopped:
             status = f"stopped: --max-minutes {settings.max_minutes} reached"
             log.warning(
-                "Stopped after %.1f min (--max-minutes %s): %d of %d files written, %d left; "
-                "rerun with --resume to finish.",
+                "Stopped after %.1f min (--max-minutes %s): %d of %d files written, %d of %d "
+                "samples measured (kept in %s); rerun with --resume to finish.",
                 (self.clock() - self.started) / 60,
                 settings.max_minutes,
                 self.written,
                 len(self.plan),
-                remaining,
+                self.reused + self.measured,
+                self.total_samples,
+                self.journal.path,
             )
         else:
             status = "complete"
         noise = self.write_log(status)
+        if stopped:
+            self.journal.close()
+        else:
+            self.journal.remove()
         if settings.repeats < 2:
             log.info("Noise floor: not measured (it needs --repeats 2 or more)")
         elif noise:
@@ -505,6 +615,7 @@ class Sweep:
             elapsed_s=self.clock() - self.started,
             noise=noise,
             log_path=self.log_path,
+            samples_reused=self.reused,
         )
 
 
