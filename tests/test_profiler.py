@@ -453,7 +453,7 @@ def test_max_minutes_stops_between_samples_and_resume_reuses_the_journal(
 
 
 def test_resume_refuses_a_journal_of_other_measurement_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     with monkeypatch.context() as patch:
         run_profile(
@@ -465,7 +465,9 @@ def test_resume_refuses_a_journal_of_other_measurement_settings(
         run_profile(_small(tmp_path, repeats=2, resume=True))
     assert "\n" not in str(refused.value)
     # Without --resume a sweep starts afresh: a new journal, nothing reused.
-    report = run_profile(_small(tmp_path, repeats=1, blocks=[8]))
+    with caplog.at_level(logging.WARNING, logger="toolkit.profiler"):
+        report = run_profile(_small(tmp_path, repeats=1, blocks=[8]))
+    assert "Starting afresh (no --resume)" in caplog.text
     assert (report.samples_reused, report.samples_measured, report.files_written) == (0, 4, 2)
 
 

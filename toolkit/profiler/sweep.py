@@ -412,6 +412,11 @@ class Sweep:
         self._logged_at = self.started
         self.journal = SampleJournal(self.out_dir / "logs" / JOURNAL_NAME, _measurement(settings))
         reused = self._reuse_journal() if settings.resume else []
+        if not settings.resume and self.journal.path.exists():
+            log.warning(
+                "Starting afresh (no --resume): the samples in %s are discarded",
+                self.journal.path,
+            )
         self.journal.start(reused)
         self.reused = len(reused)
         for job_index, held in list(self._results.items()):
