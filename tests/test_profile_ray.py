@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -430,11 +431,15 @@ def token_head() -> Iterator[tuple[str, str]]:
     try:
         address_file = temp_dir / "ray_current_cluster"  # written once the head is up
         deadline = time.monotonic() + 120
-        while not address_file.exists():
+        address = ""
+        # Not written atomically: the file can exist, still empty, for a moment.
+        while not re.fullmatch(r"\S+:\d+", address):
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"`ray start --head` did not come up:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield address_file.read_text().strip(), token
+            with contextlib.suppress(FileNotFoundError):
+                address = address_file.read_text().strip()
+        yield address, token
     finally:
         _stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
