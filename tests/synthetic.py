@@ -248,19 +248,29 @@ def read_result_file(path: Path) -> dict[str, Any]:
     return doc
 
 
-def clock_advancing_per_file(
+def without_times(doc: dict[str, Any]) -> dict[str, Any]:
+    """A result document without its timings: what two measurements of one sweep share."""
+    out = {k: v for k, v in doc.items() if k != "latency_stats"}
+    out["per_sample_results"] = [
+        {k: v for k, v in s.items() if k not in SAMPLE_TIME_FIELDS}
+        for s in doc["per_sample_results"]
+    ]
+    return out
+
+
+def clock_advancing_per_sample(
     monkeypatch: pytest.MonkeyPatch, seconds: float
 ) -> Callable[[], float]:
-    """A ``clock`` for ``run_profile`` that jumps ``seconds`` each time the profiler writes a
-    result file (``--max-minutes`` tests stop a sweep between files without waiting)."""
-    from toolkit.profiler import runner
+    """A ``clock`` for ``run_profile`` that jumps ``seconds`` each time the profiler journals a
+    measured sample (``--max-minutes`` tests stop a sweep between samples without waiting)."""
+    from toolkit.profiler.journal import JournaledSample, SampleJournal
 
     now = [0.0]
-    write_result = runner.write_result
+    append = SampleJournal.append
 
-    def slow_write(path: Path, document: dict[str, Any]) -> None:
-        write_result(path, document)
+    def slow_append(journal: SampleJournal, sample: JournaledSample) -> None:
+        append(journal, sample)
         now[0] += seconds
 
-    monkeypatch.setattr(runner, "write_result", slow_write)
+    monkeypatch.setattr(SampleJournal, "append", slow_append)
     return lambda: now[0]

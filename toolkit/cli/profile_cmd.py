@@ -89,10 +89,26 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
     "max_minutes",
     type=float,
     default=None,
-    help="Stop cleanly between files after this many minutes (finish later with --resume).",
+    help="Stop cleanly between samples after this many minutes; every measured sample is "
+    "kept in logs/samples.jsonl (finish later with --resume).",
+)
+@click.option(
+    "--output-tokens",
+    "--output_tokens",
+    "output_tokens",
+    default=None,
+    metavar="LO-HI",
+    help="Draw every sample's output length (tokens, EOS included) uniformly in [LO, HI] "
+    "instead of its dataset's answer lengths, e.g. 128-448 for long answers; images and "
+    "prompts stay the default draws. Recorded in logs/run.json.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the drawn samples.")
-@click.option("--resume", is_flag=True, help="Skip files that already exist in --output-dir.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip files that already exist in --output-dir and reuse the samples of unfinished "
+    "files from its logs/samples.jsonl: only the missing samples are measured.",
+)
 @click.option(
     "--gzip", "use_gzip", is_flag=True, help="Write .json.gz files (the loader reads both)."
 )
@@ -104,7 +120,9 @@ from toolkit.cli.options import output_dir_option, setup_logging, verbose_option
     help="Run the sweep on Ray (needs `pip install 'latkit[ray]'`): 'local' starts Ray on "
     "this machine (CPU: --workers x --threads CPUs; GPU: one worker per GPU), 'auto' joins "
     "the running cluster, ADDRESS is host:port or ray://host:port. One ProfileWorker actor "
-    "per GPU (or per --threads CPUs); same files as without --ray.",
+    "per GPU (or per --threads CPUs); same files as without --ray. Joining a cluster with "
+    "token authentication (Ray 2.59+) by address needs RAY_AUTH_MODE=token and the head's "
+    "token (RAY_AUTH_TOKEN or ~/.ray/auth_token) in this shell.",
 )
 @click.option(
     "--workers",
@@ -143,6 +161,7 @@ def profile_command(
     repeats: int,
     threads: int | None,
     max_minutes: float | None,
+    output_tokens: str | None,
     seed: int,
     resume: bool,
     use_gzip: bool,
@@ -157,8 +176,11 @@ def profile_command(
 
     For every configuration (tier x top-k x active blocks) and dataset it times the vision
     stage (ViT + projector), the prefill pass and every decode pass of drawn samples, and
-    writes one core-experiment JSON file as soon as it is done. Weights are random: the
-    latency follows the architecture, accuracy fields are empty.
+    writes one core-experiment JSON file per (dataset, configuration). Samples are measured
+    in rounds across all files (round j: sample j of every file, in a seeded random order),
+    so the machine's drift spreads evenly over datasets and knobs; each sample is journaled
+    in logs/samples.jsonl as it lands, each file written once its last sample is in. Weights
+    are random: the latency follows the architecture, accuracy fields are empty.
 
     \b
     Example (the bundled small sweep: 675 files, about 45 minutes on one CPU thread):
@@ -173,6 +195,7 @@ def profile_command(
         make_ray_settings,
         parse_datasets,
         parse_int_list,
+        parse_output_tokens,
         parse_tiers,
         run_profile,
     )
@@ -196,6 +219,7 @@ def profile_command(
         gzip=use_gzip,
         progress=not no_progress,
         canary_every=canary_every,
+        output_tokens=parse_output_tokens(output_tokens),
         ray=make_ray_settings(ray_address, workers, allow_mixed_devices),
     )
     report = run_profile(settings)
@@ -206,9 +230,10 @@ def profile_command(
             f" on Ray ({report.workers} workers, {report.restarts} restarts, start-up "
             f"{report.startup_s:.1f} s)"
         )
+    reused = f" (+{report.samples_reused} from the journal)" if report.samples_reused else ""
     click.echo(
         f"profile {state}{on_ray}: {report.files_written} files written, "
         f"{report.files_skipped} skipped, {report.files_remaining} left, "
-        f"{report.samples_measured} samples in {report.elapsed_s / 60:.1f} min -> "
+        f"{report.samples_measured} samples{reused} in {report.elapsed_s / 60:.1f} min -> "
         f"{report.output_dir} (log: {report.log_path})"
     )

@@ -63,6 +63,10 @@ DATASETS: dict[str, DatasetProfile] = {
 }
 
 
+#: Seeds the stream of ``--output-tokens`` draws apart from the dataset's own draws.
+_OVERRIDE = 1
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """What one profiled sample feeds the model (all drawn, nothing measured)."""
@@ -85,6 +89,32 @@ def parse_datasets(names: str | None) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def parse_output_tokens(text: str | None) -> tuple[int, int] | None:
+    """``--output-tokens LO-HI`` as (LO, HI); None keeps the datasets' own answer lengths."""
+    if text is None:
+        return None
+    parts = text.split("-")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        low, high = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise LatkitError(
+            f"--output-tokens {text!r}: expected LO-HI, two integers (e.g. 128-448)"
+        ) from None
+    return check_output_tokens((low, high))
+
+
+def check_output_tokens(bounds: tuple[int, int]) -> tuple[int, int]:
+    low, high = bounds
+    if low < 1 or low > high:
+        raise LatkitError(
+            f"--output-tokens {low}-{high}: needs 1 <= LO <= HI (output tokens count the "
+            "first one, which comes out of the prefill pass)"
+        )
+    return low, high
+
+
 def _stable_id(name: str) -> int:
     # Python's hash() is salted per process; crc32 keeps draws identical across runs.
     return zlib.crc32(name.encode("utf-8"))
@@ -98,11 +128,15 @@ def draw_samples(
     count: int,
     seed: int,
     first_sample_id: int,
+    output_tokens: tuple[int, int] | None = None,
 ) -> list[SampleSpec]:
     """The samples of one (dataset, configuration), drawn from a seed of exactly these keys.
 
     A configuration's draws do not depend on which other configurations run, so ``--resume``
-    and partial sweeps measure the same samples a full sweep would.
+    and partial sweeps measure the same samples a full sweep would. ``output_tokens``
+    (``--output-tokens LO-HI``) replaces the dataset's answer lengths by uniform draws in
+    ``[LO, HI]`` from a stream of their own: images and prompts stay those of the default
+    draws, so a long-answer sweep differs from the default one in its answers only.
     """
     if tier not in TIER_CROP_RANGE:
         raise LatkitError(f"unknown tier {tier!r}: expected one of {', '.join(TIERS)}")
@@ -111,14 +145,23 @@ def draw_samples(
     rng = np.random.default_rng(
         [seed, _stable_id(dataset), TIERS.index(tier), top_k, num_active_blocks]
     )
+    override_rng = np.random.default_rng(
+        [seed, _stable_id(dataset), TIERS.index(tier), top_k, num_active_blocks, _OVERRIDE]
+    )
     samples = []
     for i in range(count):
+        num_crops = int(rng.integers(low, high + 1))
+        text_tokens = profile.prompt_tokens.draw(rng)
+        # Drawn even when overridden, so that the next sample's image and prompt stay put.
+        drawn_output = profile.answer_tokens.draw(rng) + 1
+        if output_tokens is not None:
+            drawn_output = int(override_rng.integers(output_tokens[0], output_tokens[1] + 1))
         samples.append(
             SampleSpec(
                 sample_id=first_sample_id + i,
-                num_crops=int(rng.integers(low, high + 1)),
-                text_tokens=profile.prompt_tokens.draw(rng),
-                output_tokens=profile.answer_tokens.draw(rng) + 1,
+                num_crops=num_crops,
+                text_tokens=text_tokens,
+                output_tokens=drawn_output,
             )
         )
     return samples

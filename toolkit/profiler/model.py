@@ -35,6 +35,8 @@ PATCH_SIZE = 14
 _PATCHES_PER_SIDE = CROP_SIZE // PATCH_SIZE
 _POOL = 2
 assert (_PATCHES_PER_SIDE // _POOL) ** 2 == VISION_TOKENS_PER_CROP
+#: The decoder's context: prompt (vision + text tokens) plus answer.
+MAX_POSITIONS = 8192
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ class MolmoELike(nn.Module):
             num_key_value_heads=preset.num_heads,
             num_experts=preset.num_experts,
             num_experts_per_tok=preset.default_top_k,
-            max_position_embeddings=8192,
+            max_position_embeddings=MAX_POSITIONS,
             **sdpa,
         )
         # Routed experts only: a decode pass runs exactly top_k experts per block, as in the

@@ -1,9 +1,9 @@
 """``latkit profile --ray``: one sweep over the ``ProfileWorker`` actors of a Ray cluster.
 
-The driver (this process) owns the sweep: the plan, the interleaved order of its samples
-and every file (:class:`toolkit.profiler.runner.Sweep`, the same code as the single-process
-engine). Workers only measure: each ``ProfileWorker`` builds the model once, then times the
-samples it is sent.
+The driver (this process) owns the sweep: the plan, the interleaved order of its samples,
+the sample journal and every file (:class:`toolkit.profiler.sweep.Sweep`, the same code as
+the single-process engine). Workers only measure (they never write a file): each
+``ProfileWorker`` builds the model once, then times the samples it is sent.
 
 Task size: one sample per task, at most :data:`PIPELINE` tasks queued per worker. A sample
 is the unit a file is made of, so the samples go out in exactly the interleaved order of a
@@ -17,8 +17,9 @@ MolmoE-1B sample on a GPU. The second queued task hides the round trip to the dr
 Faults: a worker whose process dies (``RayActorError``) is replaced by a new actor in its
 slot (a restart, logged); the samples it had queued go back to the front of the queue and
 run on whichever worker is free first. Results are keyed by (file, sample index) and a
-duplicate is ignored, so every sample lands exactly once. A killed driver leaves only
-finished files (each written atomically): ``--resume`` continues.
+duplicate is ignored, so every sample lands (and is journaled) exactly once. A killed driver
+leaves finished files (each written atomically) and the journal of every sample that landed:
+``--resume`` continues, and only the samples that were in flight are measured again.
 
 Ray is an optional dependency (``pip install 'latkit[ray]'``); importing this module does
 not need it.
@@ -30,7 +31,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -49,14 +49,14 @@ from toolkit.profiler.measure import (
     set_measuring_threads,
 )
 from toolkit.profiler.model import TRANSFORMERS_MODULES
-from toolkit.profiler.runner import (
+from toolkit.profiler.sweep import (
     ProfileReport,
     ProfileSettings,
     RaySettings,
     Sweep,
-    _validate,
     resolve_device,
     sample_metadata,
+    validate_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ PIPELINE = 2
 #: How long the driver waits for its first workers to build their models, or, mid-sweep,
 #: for any worker at all.
 STARTUP_TIMEOUT_S = 900.0
-_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$")
 
 
 def import_ray() -> ModuleType:
@@ -77,12 +76,6 @@ def import_ray() -> ModuleType:
     except ImportError:
         raise LatkitError(RAY_MISSING) from None
     return ray
-
-
-def check_address(address: str) -> str:
-    if address in ("local", "auto") or _ADDRESS.match(address):
-        return address
-    raise LatkitError(f"--ray {address!r}: expected local, auto, host:port or ray://host:port")
 
 
 class ProfileWorker:
@@ -141,6 +134,48 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: What Ray (2.59+) says, somewhere in the chain of a failed join, when the head uses token
+#: authentication and the driver's token is missing or wrong.
+_AUTH_REFUSED = ("InvalidAuthToken", "AuthenticationError", "Unauthenticated")
+#: How to give a driver the head's token (the README's "Profiling on a cluster" says more).
+TOKEN_HOWTO = (
+    "set RAY_AUTH_MODE=token and give this process the head's token (print it on the head "
+    "with `ray get-auth-token`) as RAY_AUTH_TOKEN or in ~/.ray/auth_token; every node that "
+    "joins needs the same two"
+)
+
+
+def join_failure_hint(address: str, exc: BaseException) -> str:
+    """The likely cause of a failed ``ray.init``, for the one-line error.
+
+    A head started with ``ray start --head`` uses token authentication when it finds a token
+    (Ray 2.59+: any earlier ``ray.init()`` on that machine saved one in ~/.ray/auth_token).
+    ``--ray auto`` picks that token up by itself, but an explicit address never does: it
+    fails with a bare "Failed to connect to Ray cluster" unless RAY_AUTH_MODE=token is set.
+    """
+    if address == "local":
+        return ""
+    chain: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 8:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(chain)
+    if any(marker in text for marker in _AUTH_REFUSED):
+        return (
+            " (the cluster uses token authentication and this driver's token is missing or "
+            f"not the head's: {TOKEN_HOWTO})"
+        )
+    if address == "auto":
+        return " (start one with `ray start --head`)"
+    if "Timed out while waiting for GCS" in text:
+        return f" (no Ray head answered at {address}: is it running, is the port reachable?)"
+    return (
+        f" (is a Ray head running at {address}? If it is, it most likely uses token "
+        f"authentication, on by default since Ray 2.59: {TOKEN_HOWTO})"
+    )
+
+
 @contextlib.contextmanager
 def _preloading_workers() -> Iterator[None]:
     """Let the Ray runtime this process starts import torch, transformers and latkit in its
@@ -183,9 +218,9 @@ def ray_session(
         else:
             ray.init(address=address, log_to_driver=False)
     except Exception as exc:  # ConnectionError, ValueError, RuntimeError, grpc errors...
-        hint = " (start one with `ray start --head`)" if address == "auto" else ""
         raise LatkitError(
-            f"--ray {address}: could not start or join Ray: {_first_line(exc)}{hint}"
+            f"--ray {address}: could not start or join Ray: {_first_line(exc)}"
+            f"{join_failure_hint(address, exc)}"
         ) from None
     try:
         yield "started" if address == "local" else "connected"
@@ -211,8 +246,6 @@ def _cluster_plan(settings: ProfileSettings, resources: dict[str, float]) -> tup
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 0))
     wanted = settings.ray.workers
-    if wanted is not None and wanted < 1:
-        raise LatkitError("--workers must be at least 1")
     device_type = settings.device
     if device_type == "auto":
         device_type = "cuda" if gpus > 0 else "cpu"
@@ -355,7 +388,7 @@ class RayDriver:
         if len(self.restart_events) > self.max_restarts:
             raise LatkitError(
                 f"ProfileWorkers were lost {len(self.restart_events)} times (last: "
-                f"{event['error']}); finished files are kept: fix the cluster and rerun "
+                f"{event['error']}); measured samples are kept: fix the cluster and rerun "
                 "with --resume"
             )
         with contextlib.suppress(Exception):
@@ -417,16 +450,15 @@ class RayDriver:
         ray = self.ray
         sweep = self.sweep
         queue: deque[SampleTask] = deque(
-            sweep.plan[job].task(job, index)
-            for _dataset, rounds in sweep.schedule
-            for units in rounds
-            for job, index in units
+            sweep.plan[job].task(job, index) for job, index in sweep.pending()
         )
         mixed = self.ray_settings.allow_mixed_devices
-        remaining = sweep.total_samples
+        remaining = len(queue)
         last_alive = sweep.clock()
         while remaining > 0:
             if sweep.out_of_time():
+                in_flight = sum(len(w.inflight) for w in self.workers)
+                log.info("--max-minutes: %d sample(s) in flight are dropped", in_flight)
                 return True
             if self.alive():
                 last_alive = sweep.clock()
@@ -434,7 +466,7 @@ class RayDriver:
                 raise LatkitError(
                     f"no ProfileWorker could be restarted for {STARTUP_TIMEOUT_S:.0f} s "
                     f"(cluster resources: {_resources_summary(ray.cluster_resources())}); "
-                    "finished files are kept: rerun with --resume"
+                    "measured samples are kept: rerun with --resume"
                 )
             # Fill every live worker's pipeline, one task per worker per pass (round robin).
             filling = True
@@ -490,10 +522,6 @@ class RayDriver:
                 remaining -= 1
                 self.results_done += 1
                 bar.update(1)
-                dataset = sweep.plan[result.job].dataset
-                if sweep.dataset_complete(dataset):
-                    sweep.context = self.context()
-                    sweep.write_dataset(dataset)
                 sweep.show_progress(bar, len(self.alive()))
                 if self.on_result is not None:
                     self.on_result(self)
@@ -543,12 +571,11 @@ def run_profile_ray(
     on_result: Callable[[RayDriver], None] | None = None,
 ) -> ProfileReport:
     """The sweep of ``settings`` on Ray, written exactly as a single-process sweep writes it."""
-    assert settings.ray is not None
-    address = check_address(settings.ray.address)
+    if settings.ray is None:
+        raise LatkitError("settings.ray is not set: run the sweep with run_profile")
+    validate_settings(settings)
+    address = settings.ray.address
     ray = import_ray()
-    _validate(settings, *_layers_and_experts(settings.preset))
-    if settings.ray.workers is not None and settings.ray.workers < 1:
-        raise LatkitError("--workers must be at least 1")
     sweep = Sweep(settings, clock)
     engine: dict[str, Any] = {
         "name": "ray",
@@ -556,9 +583,29 @@ def run_profile_ray(
         "address": address,
         "task": f"one sample per task, up to {PIPELINE} queued per worker",
     }
-    if not sweep.plan:
-        sweep.context = {"engine": engine}
-        log.info("Nothing to measure: all %d files exist", sweep.skipped)
+    try:
+        return _run(ray, settings, sweep, engine, on_result)
+    finally:
+        sweep.close()
+
+
+def _run(
+    ray: Any,
+    settings: ProfileSettings,
+    sweep: Sweep,
+    engine: dict[str, Any],
+    on_result: Callable[[RayDriver], None] | None,
+) -> ProfileReport:
+    assert settings.ray is not None
+    address = settings.ray.address
+    clock = sweep.clock
+    if not sweep.pending():
+        sweep.describe = lambda: {"engine": engine}
+        log.info(
+            "Nothing to measure: %d files exist, %d samples reused",
+            sweep.skipped,
+            sweep.reused,
+        )
         return dataclasses.replace(sweep.finish(False), engine="ray", workers=0)
     local = _local_resources(settings) if address == "local" else ("", None, None)
     with ray_session(ray, address, local[1], local[2]) as runtime:
@@ -575,14 +622,17 @@ def run_profile_ray(
         )
         log.info(
             "Profiling preset %s on Ray (%s: %d node(s), %s): %d %s worker(s); "
-            "%d files to measure, %d already done",
+            "%d samples of %d files to measure (%d rounds across all files), %d files "
+            "already done",
             settings.preset,
             runtime,
             nodes,
             _resources_summary(resources),
             n_workers,
             device_type,
+            len(sweep.pending()),
             len(sweep.plan),
+            len(sweep.schedule),
             sweep.skipped,
         )
         driver = RayDriver(ray, settings, sweep, device_type, n_workers, engine, on_result)
@@ -592,14 +642,13 @@ def run_profile_ray(
             driver.wait_for_workers()
             startup_s = clock() - sweep.started
             engine["startup_s"] = round(startup_s, 2)
-            sweep.context = driver.context()
+            sweep.describe = driver.context
             sweep.write_log("running")
             with sweep.progress_bar() as bar:
                 sweep.show_progress(bar, len(driver.alive()))
                 stopped = driver.run(bar)
         finally:
             driver.stop()
-        sweep.context = driver.context()
         report = sweep.finish(stopped)
     return dataclasses.replace(
         report,
@@ -608,10 +657,3 @@ def run_profile_ray(
         restarts=len(driver.restart_events),
         startup_s=startup_s,
     )
-
-
-def _layers_and_experts(preset: str) -> tuple[int, int]:
-    from toolkit.profiler.model import get_preset
-
-    spec = get_preset(preset)
-    return spec.num_layers, spec.num_experts

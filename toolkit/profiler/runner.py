@@ -1,486 +1,51 @@
-"""The profiling sweep: every (configuration, dataset) measured and written as it finishes.
+"""The single-process engine of ``latkit profile``: this process measures the sweep in order.
 
-What a sweep is does not depend on where it runs: :class:`Sweep` plans it (which files,
-which drawn samples, what ``--resume`` skips), fixes the interleaved order of its samples,
-collects their timings, writes each file atomically once its samples are in, and keeps
-``logs/run.json``. Two engines feed it: :func:`run_profile` measures in this process, and
-``toolkit.profiler.ray_runner`` on the ``ProfileWorker`` actors of a Ray cluster.
+The sweep itself (settings, plan, interleaved order, files and log) is
+:mod:`toolkit.profiler.sweep`, shared with the Ray engine (:mod:`toolkit.profiler.ray_runner`);
+:func:`toolkit.profiler.run_profile` picks the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from toolkit import __version__
-from toolkit.atomic import write_json_atomic
 from toolkit.errors import LatkitError
-from toolkit.features import GRID_BLOCKS, GRID_TOP_K, TIERS
-from toolkit.profiler.datasets import SampleSpec, draw_samples, parse_datasets
 from toolkit.profiler.measure import (
-    DTYPES,
     Measurer,
-    SampleTask,
-    TaskResult,
     canary_summary,
     device_info,
     keep_freed_memory,
     set_measuring_threads,
 )
-from toolkit.profiler.model import get_preset
-from toolkit.profiler.timing import SampleTiming
-from toolkit.profiler.writer import (
-    dataset_dir_name,
-    noise_records,
-    noise_summary,
-    result_document,
-    result_stem,
-    write_result,
+from toolkit.profiler.sweep import (
+    ProfileReport,
+    ProfileSettings,
+    Sweep,
+    resolve_device,
+    sample_metadata,
+    validate_settings,
 )
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RaySettings:
-    """Where a sweep runs on Ray (``latkit profile --ray``)."""
-
-    #: ``local`` (start Ray on this machine), ``auto`` (join the running cluster),
-    #: ``host:port`` or ``ray://host:port``.
-    address: str
-    #: ProfileWorker actors (default: one per GPU; on CPUs, the cluster's CPUs / threads).
-    workers: int | None = None
-    #: Accept workers that report different device names (recorded on every sample).
-    allow_mixed_devices: bool = False
-
-
-@dataclass
-class ProfileSettings:
-    """Everything a sweep depends on (all of it lands in ``logs/run.json``)."""
-
-    output_dir: Path
-    preset: str = "tiny"
-    device: str = "auto"
-    dtype: str = "float32"
-    datasets: list[str] = field(default_factory=lambda: parse_datasets(None))
-    tiers: list[str] = field(default_factory=lambda: list(TIERS))
-    top_k: list[int] = field(default_factory=lambda: list(GRID_TOP_K))
-    blocks: list[int] = field(default_factory=lambda: list(GRID_BLOCKS))
-    samples_per_config: int = 5
-    repeats: int = 3
-    threads: int | None = None
-    max_minutes: float | None = None
-    seed: int = 0
-    resume: bool = False
-    gzip: bool = False
-    progress: bool = True
-    #: Re-time the canary every N samples per measuring process (None: no canary).
-    canary_every: int | None = None
-    #: Run on Ray (None: in this process).
-    ray: RaySettings | None = None
-
-
-@dataclass
-class ProfileReport:
-    output_dir: Path
-    files_written: int
-    files_skipped: int
-    files_remaining: int
-    samples_measured: int
-    stopped_early: bool
-    elapsed_s: float
-    noise: dict[str, Any]
-    log_path: Path
-    engine: str = "single-process"
-    workers: int = 1
-    restarts: int = 0
-    startup_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Job:
-    """One result file of the sweep: a (configuration, dataset) and its drawn samples."""
-
-    config_index: int
-    tier: str
-    top_k: int
-    blocks: int
-    dataset: str
-    specs: tuple[SampleSpec, ...]
-    path: Path
-
-    def task(self, job: int, index: int) -> SampleTask:
-        """Sample ``index`` of this file, as job number ``job`` of the plan."""
-        return SampleTask(
-            job=job,
-            index=index,
-            config=self.config_index,
-            top_k=self.top_k,
-            blocks=self.blocks,
-            spec=self.specs[index],
-            warm_spec=self.specs[0],
-        )
-
-
-#: The interleaved order of a sweep: per dataset, rounds of (job, sample index).
-Schedule = list[tuple[str, list[list[tuple[int, int]]]]]
-
-
-def make_ray_settings(
-    address: str | None, workers: int | None = None, allow_mixed_devices: bool = False
-) -> RaySettings | None:
-    """``--ray``, ``--workers`` and ``--allow-mixed-devices`` as one setting (None: no Ray)."""
-    if address is None:
-        for flag, given in (
-            ("--workers", workers is not None),
-            ("--allow-mixed-devices", allow_mixed_devices),
-        ):
-            if given:
-                raise LatkitError(f"{flag} needs --ray (local, auto or host:port)")
-        return None
-    if workers is not None and workers < 1:
-        raise LatkitError("--workers must be at least 1")
-    return RaySettings(address, workers, allow_mixed_devices)
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise LatkitError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise LatkitError(f"{what}: no values given")
-    return values
-
-
-def parse_tiers(text: str) -> list[str]:
-    tiers = [part.strip().lower() for part in text.split(",") if part.strip()]
-    unknown = [tier for tier in tiers if tier not in TIERS]
-    if unknown or not tiers:
-        raise LatkitError(
-            f"unknown tier(s) {', '.join(unknown) or text!r}: expected some of {', '.join(TIERS)}"
-        )
-    return tiers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LatkitError("--device cuda: no CUDA device is available (use --device cpu)")
-    if name not in ("cpu", "cuda"):
-        raise LatkitError(f"unknown device {name!r}: expected auto, cpu or cuda")
-    return torch.device(name)
-
-
-def _versions() -> dict[str, str]:
-    # The installed version, without importing transformers (seconds of CPU in a Ray driver,
-    # which never builds a model).
-    from importlib.metadata import version
-
-    return {
-        "latkit": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "numpy": np.__version__,
-    }
-
-
-def _validate(settings: ProfileSettings, num_layers: int, num_experts: int) -> None:
-    parse_datasets(",".join(settings.datasets))
-    parse_tiers(",".join(settings.tiers))
-    if settings.dtype not in DTYPES:
-        raise LatkitError(f"unknown dtype {settings.dtype!r}: expected one of {', '.join(DTYPES)}")
-    bad_k = [k for k in settings.top_k if not 1 <= k <= num_experts]
-    if bad_k:
-        raise LatkitError(f"--top-k {bad_k}: must lie in 1-{num_experts}")
-    bad_blocks = [n for n in settings.blocks if not 1 <= n <= num_layers]
-    if bad_blocks:
-        raise LatkitError(f"--blocks {bad_blocks}: must lie in 1-{num_layers}")
-    if settings.samples_per_config < 1:
-        raise LatkitError("--samples-per-config must be at least 1")
-    if settings.repeats < 1:
-        raise LatkitError("--repeats must be at least 1")
-    if settings.threads is not None and settings.threads < 1:
-        raise LatkitError("--threads must be at least 1")
-    if settings.canary_every is not None and settings.canary_every < 1:
-        raise LatkitError("--canary-every must be at least 1")
-
-
-def _configurations(settings: ProfileSettings) -> list[tuple[str, int, int]]:
-    configs = [(t, k, n) for t in settings.tiers for k in settings.top_k for n in settings.blocks]
-    # Measure configurations in a seeded random order: a slow drift of the machine (other
-    # jobs, thermal state) then spreads over the grid instead of aliasing with one knob.
-    order = np.random.default_rng([settings.seed, 7]).permutation(len(configs))
-    return [configs[i] for i in order]
-
-
-def _settings_dict(settings: ProfileSettings) -> dict[str, Any]:
-    out = dataclasses.asdict(settings)
-    out["output_dir"] = str(settings.output_dir)
-    return out
-
-
-def plan_jobs(settings: ProfileSettings, out_dir: Path) -> tuple[list[Job], int]:
-    """The files to measure (in measuring order) and how many ``--resume`` skips."""
-    suffix = ".json.gz" if settings.gzip else ".json"
-    plan: list[Job] = []
-    skipped = 0
-    for config_index, (tier, top_k, blocks) in enumerate(_configurations(settings)):
-        for dataset in settings.datasets:
-            # The sample ids of a configuration depend on its place in the full grid, so they
-            # stay unique within a dataset however the sweep is split.
-            first_id = _grid_ordinal(tier, top_k, blocks) * settings.samples_per_config
-            specs = draw_samples(
-                dataset, tier, top_k, blocks, settings.samples_per_config, settings.seed, first_id
-            )
-            mean_crops = float(np.mean([s.num_crops for s in specs]))
-            stem = result_stem(dataset, tier, top_k, blocks, mean_crops)
-            path = out_dir / dataset_dir_name(dataset) / (stem + suffix)
-            if settings.resume and any(
-                (path.parent / (stem + ext)).exists() for ext in (".json", ".json.gz")
-            ):
-                skipped += 1
-                continue
-            plan.append(Job(config_index, tier, top_k, blocks, dataset, tuple(specs), path))
-    return plan, skipped
-
-
-def interleaved_schedule(plan: list[Job], seed: int) -> Schedule:
-    """The order samples are measured in, the same for every engine.
-
-    The files of one dataset are measured together, round by round (round j times sample j
-    of every configuration, in a fresh random order). On a shared machine the load drifts
-    over minutes; measuring one configuration after another would alias that drift with the
-    knobs (we saw top_k 12 "faster" than top_k 4), while interleaving spreads it evenly over
-    all configurations. A dataset's files are written as soon as its last round is done.
-    """
-    groups: dict[str, list[int]] = {}
-    for job_index, job in enumerate(plan):
-        groups.setdefault(job.dataset, []).append(job_index)
-    shuffle = np.random.default_rng([seed, 11])
-    schedule: Schedule = []
-    for dataset, job_indices in groups.items():
-        rounds = []
-        for round_index in range(max(len(plan[i].specs) for i in job_indices)):
-            order = shuffle.permutation(job_indices).tolist()
-            rounds.append([(i, round_index) for i in order if round_index < len(plan[i].specs)])
-        schedule.append((dataset, rounds))
-    return schedule
-
-
-def sample_metadata(result: TaskResult, device_name: str | None = None) -> dict[str, Any]:
-    """The ``metadata`` a sample carries: its device (mixed-device sweeps) and speed factor."""
-    metadata: dict[str, Any] = {}
-    if device_name is not None:
-        metadata["device"] = device_name
-    if result.speed_factor is not None:
-        metadata["speed_factor"] = round(result.speed_factor, 5)
-    return metadata
-
-
-class Sweep:
-    """The bookkeeping both engines share: the plan and its interleaved schedule, the samples
-    measured so far (each (file, sample) kept once), the files (written atomically once all
-    their samples are in) and ``logs/run.json``.
-
-    An engine sets ``context`` (``device``, ``model``, ``engine``, optionally ``canary``)
-    before the first :meth:`write_log`.
-    """
-
-    def __init__(self, settings: ProfileSettings, clock: Callable[[], float]) -> None:
-        self.settings = settings
-        self.preset = get_preset(settings.preset)
-        self.clock = clock
-        self.out_dir = Path(settings.output_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out_dir / "logs" / "run.json"
-        self.started = clock()
-        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
-        self.records: dict[str, dict[str, list[float]]] = {}
-        if settings.resume and self.log_path.exists():
-            try:
-                self.records = json.loads(self.log_path.read_text()).get("noise_records", {})
-            except (OSError, ValueError):
-                log.warning(
-                    "could not read %s: noise records of earlier runs are lost", self.log_path
-                )
-        self.plan, self.skipped = plan_jobs(settings, self.out_dir)
-        self.schedule = interleaved_schedule(self.plan, settings.seed)
-        self.context: dict[str, Any] = {}
-        self.written = 0
-        self.measured = 0
-        self._results: dict[int, dict[int, tuple[SampleTiming, dict[str, Any]]]] = {}
-        self._written_jobs: set[int] = set()
-
-    @property
-    def total_samples(self) -> int:
-        return sum(len(job.specs) for job in self.plan)
-
-    def out_of_time(self) -> bool:
-        limit = self.settings.max_minutes
-        return limit is not None and self.clock() - self.started >= limit * 60
-
-    def add(self, result: TaskResult, metadata: dict[str, Any]) -> bool:
-        """Keep a measured sample; False (and ignored) if that sample is already in."""
-        held = self._results.setdefault(result.job, {})
-        if result.index in held or result.job in self._written_jobs:
-            return False
-        held[result.index] = (result.timing, metadata)
-        return True
-
-    def dataset_jobs(self, dataset: str) -> list[int]:
-        return [i for i, job in enumerate(self.plan) if job.dataset == dataset]
-
-    def dataset_complete(self, dataset: str) -> bool:
-        return all(
-            len(self._results.get(i, {})) == len(self.plan[i].specs)
-            for i in self.dataset_jobs(dataset)
-        )
-
-    def write_dataset(self, dataset: str) -> None:
-        """Write every file of a dataset whose samples are all in, then the log."""
-        for i in self.dataset_jobs(dataset):
-            job = self.plan[i]
-            held = self._results.pop(i)
-            timings = [held[index][0] for index in range(len(job.specs))]
-            metadata = [held[index][1] for index in range(len(job.specs))]
-            document = result_document(
-                job.tier, job.top_k, job.blocks, self.preset.num_layers, timings, metadata
-            )
-            write_result(job.path, document)
-            self.records[str(job.path.relative_to(self.out_dir))] = noise_records(timings)
-            self._written_jobs.add(i)
-            self.written += 1
-            self.measured += len(job.specs)
-        self.write_log("running")
-
-    def unwritten_samples(self) -> int:
-        """Samples measured for files that were not written (a stopped sweep discards them)."""
-        return sum(len(held) for held in self._results.values())
-
-    def progress_bar(self) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.total_samples,
-            unit="sample",
-            desc="profile",
-            file=sys.stderr,
-            disable=not self.settings.progress,
-            dynamic_ncols=True,
-        )
-
-    def show_progress(self, bar: Any, workers_alive: int | None = None) -> None:
-        """Files done (and workers alive) beside the samples count and ETA of the bar."""
-        text = f"files {self.written}/{len(self.plan)}"
-        if workers_alive is not None:
-            text += f", workers {workers_alive}"
-        bar.set_postfix_str(text, refresh=False)
-
-    def write_log(self, status: str) -> dict[str, Any]:
-        merged: dict[str, list[float]] = {}
-        for per_file in self.records.values():
-            for key, values in per_file.items():
-                merged.setdefault(key, []).extend(values)
-        noise = noise_summary(merged) if merged else {}
-        context = dict(self.context)
-        document: dict[str, Any] = {
-            "status": status,
-            "started_at": self.started_at,
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "elapsed_s": round(self.clock() - self.started, 1),
-            "command": sys.argv,
-            "settings": _settings_dict(self.settings),
-            "versions": _versions(),
-            "device": context.pop("device", {}),
-            "model": context.pop("model", {}),
-            **context,
-            "files": {
-                "planned": len(self.plan),
-                "written": self.written,
-                "skipped_existing": self.skipped,
-            },
-            "noise_floor": noise,
-            "noise_records": self.records,
-        }
-        write_json_atomic(self.log_path, document, indent=None)
-        return noise
-
-    def finish(self, stopped: bool) -> ProfileReport:
-        """Write the final log, say how it ended, and report."""
-        settings = self.settings
-        discarded = self.unwritten_samples()
-        if discarded:
-            log.warning(
-                "Discarded %d samples of an unfinished dataset (no partial files).", discarded
-            )
-        remaining = len(self.plan) - self.written
-        if stopped:
-            status = f"stopped: --max-minutes {settings.max_minutes} reached"
-            log.warning(
-                "Stopped after %.1f min (--max-minutes %s): %d of %d files written, %d left; "
-                "rerun with --resume to finish.",
-                (self.clock() - self.started) / 60,
-                settings.max_minutes,
-                self.written,
-                len(self.plan),
-                remaining,
-            )
-        else:
-            status = "complete"
-        noise = self.write_log(status)
-        if settings.repeats < 2:
-            log.info("Noise floor: not measured (it needs --repeats 2 or more)")
-        elif noise:
-            log.info(
-                "Noise floor (median relative spread of %d repeats): prefill total %.2f %%, "
-                "decode pass %.2f %%",
-                settings.repeats,
-                noise.get("prefill_total_spread", {}).get("median_pct", float("nan")),
-                noise.get("decode_pass_spread", {}).get("median_pct", float("nan")),
-            )
-        return ProfileReport(
-            output_dir=self.out_dir,
-            files_written=self.written,
-            files_skipped=self.skipped,
-            files_remaining=remaining,
-            samples_measured=self.measured,
-            stopped_early=stopped,
-            elapsed_s=self.clock() - self.started,
-            noise=noise,
-            log_path=self.log_path,
-        )
-
-
-def run_profile(
+def run_profile_single_process(
     settings: ProfileSettings, clock: Callable[[], float] = time.monotonic
 ) -> ProfileReport:
-    """Measure the model over the knob grid and write core-experiment files into output_dir.
+    """Measure the sweep of ``settings`` in this process; write core-experiment files.
 
-    With ``settings.ray`` the sweep runs on a Ray cluster (``toolkit.profiler.ray_runner``),
-    else in this process. ``clock`` measures elapsed time for ``--max-minutes`` and the log
-    (tests replace it). The process's torch thread count and allocator settings are
-    restored afterwards.
+    ``clock`` measures elapsed time for ``--max-minutes`` and the log (tests replace it). The
+    process's torch thread count and allocator settings are restored afterwards.
     """
-    preset = get_preset(settings.preset)
-    _validate(settings, preset.num_layers, preset.num_experts)
     if settings.ray is not None:
-        from toolkit.profiler.ray_runner import run_profile_ray
-
-        return run_profile_ray(settings, clock)
+        raise LatkitError("settings.ray is set: run the sweep with run_profile (it picks Ray)")
+    validate_settings(settings)
     device = resolve_device(settings.device)
     threads_before = torch.get_num_threads()
     kept = False
@@ -499,13 +64,25 @@ def _run(
 ) -> ProfileReport:
     """The single-process engine: this process measures the schedule in order."""
     sweep = Sweep(settings, clock)
+    try:
+        return _measure(sweep, device)
+    finally:
+        sweep.close()
+
+
+def _measure(sweep: Sweep, device: torch.device) -> ProfileReport:
+    settings = sweep.settings
+    pending = sweep.pending()
     log.info(
-        "Profiling preset %s on %s (%s, %d thread(s)): %d files to measure, %d already done",
+        "Profiling preset %s on %s (%s, %d thread(s)): %d samples of %d files to measure "
+        "(%d rounds across all files), %d files already done",
         sweep.preset.name,
         device,
         settings.dtype,
         torch.get_num_threads(),
+        len(pending),
         len(sweep.plan),
+        len(sweep.schedule),
         sweep.skipped,
     )
     measurer = Measurer(
@@ -516,43 +93,30 @@ def _run(
         settings.repeats,
         settings.canary_every,
     )
-    startup_s = clock() - sweep.started
-    sweep.context = {
+    startup_s = sweep.clock() - sweep.started
+    context = {
         "device": device_info(device),
         "model": measurer.model_info(),
         # Start-up as the Ray engine counts it: from planning until the model is built.
         "engine": {"name": "single-process", "startup_s": round(startup_s, 2)},
     }
 
-    def note_canary() -> None:
-        if settings.canary_every:
-            summary = {"worker": "local", **canary_summary(measurer.canaries_ms)}
-            sweep.context["canary"] = {"every": settings.canary_every, "workers": [summary]}
+    def describe() -> dict[str, Any]:
+        if not settings.canary_every:
+            return dict(context)
+        summary = {"worker": "local", **canary_summary(measurer.canaries_ms)}
+        return {**context, "canary": {"every": settings.canary_every, "workers": [summary]}}
 
+    sweep.describe = describe
     sweep.write_log("running")
     stopped = False
     with sweep.progress_bar() as bar:
-        for dataset, rounds in sweep.schedule:
+        for job, index in pending:
             if sweep.out_of_time():
                 stopped = True
                 break
-            for round_index, units in enumerate(rounds):
-                if round_index > 0 and sweep.out_of_time():
-                    stopped = True
-                    break
-                for job, index in units:
-                    result = measurer.measure(sweep.plan[job].task(job, index))
-                    sweep.add(result, sample_metadata(result))
-                    bar.update(1)
-            if stopped:
-                break
-            note_canary()
-            sweep.write_dataset(dataset)
+            result = measurer.measure(sweep.plan[job].task(job, index))
+            sweep.add(result, sample_metadata(result))
+            bar.update(1)
             sweep.show_progress(bar)
-    note_canary()
     return dataclasses.replace(sweep.finish(stopped), startup_s=startup_s)
-
-
-def _grid_ordinal(tier: str, top_k: int, blocks: int) -> int:
-    """Position of a configuration in a fixed enumeration of all tiers x top_k x blocks."""
-    return (TIERS.index(tier) * 64 + (top_k - 1)) * 64 + (blocks - 1)
