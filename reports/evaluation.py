@@ -91,6 +91,8 @@ DESIGN_TARGETS_PCT: Final[dict[str, float]] = {"prefill": 2.0, "decode_total": 6
 #: Where the data's own noise is above a design target, the target is this many times the
 #: noise floor (DESIGN.md: "the target is the floor"; README: 1.25x).
 FLOOR_FACTOR: Final[float] = 1.25
+#: The floor judges only when it comes from at least this many groups of identical work.
+MIN_FLOOR_GROUPS: Final[int] = 10
 #: Warn when the outlier rules removed more than this share of the valid samples (as the
 #: loader does when it loads them).
 OUTLIER_WARN_SHARE: Final[float] = 0.03
@@ -124,6 +126,7 @@ class Verdict(TypedDict):
     threshold_pct: float
     design_target_pct: float
     noise_floor_pct: float
+    noise_floor_groups: int  # groups of identical work the floor comes from
     basis: str  # "noise floor" or "design target"
     ok: bool
 
@@ -410,21 +413,30 @@ def verdicts(
 ) -> dict[str, Verdict]:
     """Prefill and decode total MAPE against their target: DESIGN.md's, or ``FLOOR_FACTOR`` x
     the noise floor of the same samples where the data is noisier than that allows (no model
-    beats the floor, so judging below it would fail a perfect model)."""
+    beats the floor, so judging below it would fail a perfect model). A floor estimated from
+    fewer than ``MIN_FLOOR_GROUPS`` groups of identical work is too uncertain to lower the
+    bar: the design target judges then."""
     out: dict[str, Verdict] = {}
     for target, design in DESIGN_TARGETS_PCT.items():
         block = scores.get(target)
         if block is None:
             continue
         mape = float(block["mape_pct"])
-        floor_pct = float((floor.get(target) or {}).get("mape_pct", math.nan))
-        noisy = math.isfinite(floor_pct) and FLOOR_FACTOR * floor_pct > design
+        noise = floor.get(target) or {}
+        floor_pct = float(noise.get("mape_pct", math.nan))
+        groups = int(noise.get("n_groups", 0))
+        noisy = (
+            math.isfinite(floor_pct)
+            and groups >= MIN_FLOOR_GROUPS
+            and FLOOR_FACTOR * floor_pct > design
+        )
         threshold = FLOOR_FACTOR * floor_pct if noisy else design
         out[target] = Verdict(
             mape_pct=mape,
             threshold_pct=threshold,
             design_target_pct=design,
             noise_floor_pct=floor_pct,
+            noise_floor_groups=groups,
             basis="noise floor" if noisy else "design target",
             ok=math.isfinite(mape) and mape <= threshold,
         )

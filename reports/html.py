@@ -143,6 +143,10 @@ class ReportResult:
     n_bytes: int
 
 
+def _name(path: str | None) -> str:
+    return Path(path).name if path else "?"
+
+
 def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -445,9 +449,10 @@ def render_html(
 <body>
 <header>
 <h1>Latency model report</h1>
-<p class="meta">{_esc(result.get("checkpoint", ""))} on {_esc(result.get("results_dir", ""))}:
-{result["n_samples"]} samples, {result["n_configs"]} configurations;
-made {_esc(result.get("created_utc", ""))} by latkit {_esc(__version__)}</p>
+<p class="meta">Model {_esc(_name(result.get("checkpoint")))} on
+{_esc(_name(result.get("results_dir")))}: {result["n_samples"]} samples,
+{result["n_configs"]} configurations; made {_esc(result.get("created_utc", ""))} by latkit
+{_esc(__version__)} (full paths in the model card)</p>
 <nav>{nav}</nav>
 </header>
 <main>

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from reports.evaluation import FLOOR_FACTOR
+from reports.evaluation import FLOOR_FACTOR, MIN_FLOOR_GROUPS
 from toolkit.features import BOUND_LEVELS
 
 #: Display names of the models in the side-by-side tables.
@@ -276,15 +276,21 @@ def long_answers_table(block: Mapping[str, Any]) -> Table:
 def verdict_text(target_label: str, verdict: Mapping[str, Any]) -> str:
     """One line: is the MAPE within its target, and which target (and why) was used."""
     mape, threshold = verdict["mape_pct"], verdict["threshold_pct"]
+    floor, groups = verdict["noise_floor_pct"], verdict.get("noise_floor_groups", 0)
     if verdict["basis"] == "noise floor":
         why = (
-            f"{FLOOR_FACTOR:g} x the noise floor of {verdict['noise_floor_pct']:.2f} %, as the "
-            f"design target of {verdict['design_target_pct']:g} % is below what this data allows"
+            f"{FLOOR_FACTOR:g} x the noise floor of {floor:.2f} %, as the design target of "
+            f"{verdict['design_target_pct']:g} % is below what this data allows"
         )
+    elif floor is not None and math.isfinite(floor) and groups < MIN_FLOOR_GROUPS:
+        why = (
+            f"the design target; the noise floor ({floor:.2f} %) rests on {groups} group(s) "
+            f"of identical work, too few to judge by ({MIN_FLOOR_GROUPS} needed)"
+        )
+    elif floor is not None and math.isfinite(floor):
+        why = f"the design target; noise floor {floor:.2f} %"
     else:
-        floor = verdict["noise_floor_pct"]
-        known = floor is not None and math.isfinite(floor)
-        why = "the design target" + (f"; noise floor {floor:.2f} %" if known else "")
+        why = "the design target"
     if verdict["ok"]:
         return f"{target_label}: ✓ within target (MAPE {mape:.2f} % <= {threshold:.2f} %: {why})"
     shown = format_value(mape)

@@ -432,7 +432,10 @@ def test_verdict_judges_against_the_noise_floor() -> None:
     """The case a user met: 7.54 % MAPE on data whose noise floor is 7.88 % is at the floor,
     not "needs improvement"; the threshold (1.25 x the floor) is stated."""
     scores = {"prefill": {"mape_pct": 7.54}, "decode_total": {"mape_pct": 12.0}}
-    floor = {"prefill": {"n": 40, "mape_pct": 7.88}, "decode_total": {"n": 0, "mape_pct": math.nan}}
+    floor = {
+        "prefill": {"n": 40, "n_groups": 12, "mape_pct": 7.88},
+        "decode_total": {"n": 0, "n_groups": 0, "mape_pct": math.nan},
+    }
     verdict = verdicts(scores, floor)
     assert verdict["prefill"]["ok"] and verdict["prefill"]["basis"] == "noise floor"
     assert verdict["prefill"]["threshold_pct"] == pytest.approx(1.25 * 7.88)
@@ -457,6 +460,16 @@ def test_verdict_judges_against_the_noise_floor() -> None:
     # at 1.3x the floor the model is above target, and says so against the same threshold
     worse = verdicts({"prefill": {"mape_pct": 1.3 * 7.88}}, floor)["prefill"]
     assert not worse["ok"] and worse["threshold_pct"] == pytest.approx(9.85)
+    # a floor from too few groups of identical work does not lower the bar, and says why
+    few = {"prefill": {"n": 4, "n_groups": 2, "mape_pct": 7.88}}
+    thin = verdicts({"prefill": {"mape_pct": 7.54}}, few)["prefill"]
+    assert not thin["ok"] and thin["basis"] == "design target"
+    assert "rests on 2 group(s) of identical work, too few to judge by (10 needed)" in (
+        format_report(
+            {"n_samples": 1, "n_filtered_outliers": 0, "verdict": {"prefill": thin}}
+            | {"per_config": {}, "n_configs": 0}
+        )
+    )
 
 
 def test_features_of_hand_frame_are_in_order() -> None:
