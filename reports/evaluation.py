@@ -38,6 +38,7 @@ from reports.baselines import (
     LookupTableBaseline,
     OriginalSingleNetwork,
     TreesOnlyPrefill,
+    baseline_training_samples,
 )
 from reports.long_answers import LongAnswers, long_answer_summary
 from toolkit.atomic import write_json_atomic
@@ -472,7 +473,9 @@ def _warnings(
         )
     extrapolation = getattr(model, "extrapolation", None)
     if callable(extrapolation):
-        flags, messages = extrapolation(feature_matrix(samples))
+        flags, messages = extrapolation(
+            feature_matrix(samples), samples["output_tokens"].to_numpy()
+        )
         if np.any(flags):
             details = "; ".join(m.removeprefix("warning: ") for m in messages)
             found.append(
@@ -613,6 +616,7 @@ def evaluate_model(
                     "--baselines needs training data: the checkpoint has no "
                     "training_data.parquet; pass --train-results-dir"
                 )
+            train_samples = baseline_training_samples(train_samples, seed)
             fitted_baselines = fit_baselines(
                 train_samples,
                 train_steps,

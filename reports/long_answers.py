@@ -50,6 +50,8 @@ class InRangeReference(TypedDict):
 
 class LongAnswers(TypedDict):
     trained_max_output_tokens: int
+    supported_output_tokens: float  # the model's stated limit (inf: none stated)
+    n_beyond_supported: int
     n_samples: int
     output_tokens_range: list[int]
     decode_total: RegressionMetrics
@@ -143,8 +145,12 @@ def long_answer_summary(
         samples.filter(pl.Series(in_range)),
         {k: np.asarray(v)[in_range] for k, v in predictions.items()},
     )
+    limit = getattr(model, "supported_output_tokens", None)
+    supported = float(limit()) if callable(limit) else math.inf
     return LongAnswers(
         trained_max_output_tokens=longest,
+        supported_output_tokens=supported,
+        n_beyond_supported=int(np.sum(tokens > supported)),
         n_samples=part.height,
         output_tokens_range=[int(tokens.min()), int(tokens.max())],
         decode_total=scores["decode_total"],

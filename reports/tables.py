@@ -253,6 +253,11 @@ def long_answers_table(block: Mapping[str, Any]) -> Table:
         ["samples (answers longer than any trained)", block["n_samples"]],
         ["output tokens of those answers", f"{low}-{high}"],
         ["longest trained answer (output tokens)", block["trained_max_output_tokens"]],
+        [
+            "answers beyond the model's supported length "
+            f"({format_value(block.get('supported_output_tokens'), 0)} output tokens)",
+            block.get("n_beyond_supported"),
+        ],
         ["decode total MAPE %", block["decode_total"]["mape_pct"]],
         [
             f"in-range decode total MAPE % (answers of {in_range['min_output_tokens']}+ "

@@ -880,6 +880,9 @@ def test_cli_evaluate_long_answers(long_answers: tuple[Path, Path, Path], tmp_pa
         {name: np.mean(total <= pred[name]) for name in ("total_p90_ms", "total_p95_ms")}
     )
     assert block["in_range"]["n"] == 0  # every scored answer is long
+    limit = model.supported_output_tokens()
+    assert block["supported_output_tokens"] == limit
+    assert block["n_beyond_supported"] == int((samples["output_tokens"] > limit).sum())
     assert "Long answers (longer than any the model was trained on):" in text
     assert f"growth error % (whole answer / first 60 passes; {samples.height} samples" in text
     assert "long_answers" in [w["kind"] for w in data["warnings"]]
