@@ -115,10 +115,6 @@ def _fmt_values(values: np.ndarray) -> str:
     return shown + (f" (and {len(unique) - 3} more)" if len(unique) > 3 else "")
 
 
-def _clean_metrics(metrics: Any) -> dict[str, Any]:
-    return {k: (_finite_float(v) if isinstance(v, float) else v) for k, v in dict(metrics).items()}
-
-
 def _num_total_blocks(samples: pl.DataFrame) -> int | None:
     """The profiled model's block count as its result files state it (the largest, should
     they differ), or None when they do not say."""
