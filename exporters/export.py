@@ -53,6 +53,7 @@ from exporters.tree_table import (
 )
 from toolkit import __version__
 from toolkit.atomic import atomic_path, write_bytes_atomic
+from toolkit.checkpoint import load_model, training_split
 from toolkit.errors import LatkitError
 from toolkit.features import (
     FEATURE_MINIMUM,
@@ -655,27 +656,6 @@ def python_outputs(
 # --------------------------------------------------------------------------- entry point
 
 
-def load_model(checkpoint: str | Path) -> HybridLatencyModel:
-    from toolkit.models.hybrid import HybridLatencyModel
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise LatkitError(f"checkpoint {checkpoint} is not a directory")
-    return HybridLatencyModel.load(checkpoint)
-
-
-def load_training_data(checkpoint: str | Path) -> Any | None:
-    import polars as pl
-
-    path = Path(checkpoint) / "training_data.parquet"
-    if not path.exists():
-        return None
-    try:
-        return pl.read_parquet(path)
-    except Exception as exc:
-        raise LatkitError(f"{path}: cannot read parquet ({exc})") from exc
-
-
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     aliases = {
@@ -814,5 +794,4 @@ def export_checkpoint(
     """``latkit export``: load the artifact in ``checkpoint`` and export it to ``output_dir``."""
     fmts = parse_formats(formats)
     model = load_model(checkpoint)
-    training_data = load_training_data(checkpoint)
-    return export_model(model, output_dir, fmts, opset, training_data, max_cells)
+    return export_model(model, output_dir, fmts, opset, training_split(model), max_cells)

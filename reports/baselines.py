@@ -36,6 +36,7 @@ from sklearn.linear_model import LinearRegression
 from torch import Tensor, nn
 
 from toolkit.features import FEATURE_NAMES, feature_matrix
+from toolkit.metrics import decode_passes
 from toolkit.models.prefill import PrefillModel
 from toolkit.training import subsample
 
@@ -81,17 +82,6 @@ def baseline_training_samples(
         max_samples,
     )
     return subsample(train_samples, max_samples, seed)
-
-
-def decode_passes(samples: pl.DataFrame) -> np.ndarray:
-    """Decode passes per sample: ``n_decode_passes`` where present, else ``output_tokens - 1``."""
-    if "n_decode_passes" in samples.columns:
-        passes = samples["n_decode_passes"].to_numpy().astype(np.float64)
-    elif "output_tokens" in samples.columns:
-        passes = samples["output_tokens"].to_numpy().astype(np.float64) - 1.0
-    else:
-        raise KeyError("samples frame has neither n_decode_passes nor output_tokens")
-    return np.maximum(passes, 0.0)
 
 
 def _per_pass_target(samples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
-from toolkit.metrics import coverage_and_bias, regression_metrics
+from toolkit.metrics import score_frame
 from toolkit.training import KNOB_SPLITS, knob_split, split_samples, train_on_frames
 
 SPLITS: Final[tuple[str, ...]] = ("sample", *KNOB_SPLITS)
@@ -86,20 +86,16 @@ class SplitScore:
 def score_held_out(model: Any, samples: pl.DataFrame) -> HeldOutScore:
     """Errors, bias, coverage and bound width of ``model`` on ``samples``."""
     pred = model.predict_frame(samples)
-    prefill = samples["T_prefill_total"].to_numpy().astype(np.float64)
-    decode = samples["T_LLM_decode"].to_numpy().astype(np.float64)
-    has_passes = samples["n_decode_passes"].to_numpy() > 0
-    shares = coverage_and_bias(prefill, decode, has_passes, pred)
+    scores = score_frame(samples, pred)
+    total = (samples["T_prefill_total"] + samples["T_LLM_decode"]).to_numpy().astype(np.float64)
     return HeldOutScore(
         n=samples.height,
-        prefill_mape_pct=regression_metrics(prefill, pred["prefill_ms"])["mape_pct"],
-        decode_total_mape_pct=regression_metrics(
-            decode[has_passes], pred["decode_total_ms"][has_passes]
-        )["mape_pct"],
-        prefill_bias=shares["bias"]["prefill"],
-        decode_total_bias=shares["bias"]["decode_total"],
-        coverage={name: shares["coverage"][name] for name in BOUND_NAMES},
-        total_p95_width=float(np.median(pred["total_p95_ms"] / (prefill + decode))),
+        prefill_mape_pct=scores["prefill"]["mape_pct"],
+        decode_total_mape_pct=scores["decode_total"]["mape_pct"],
+        prefill_bias=scores["bias"]["prefill"],
+        decode_total_bias=scores["bias"]["decode_total"],
+        coverage={name: scores["coverage"][name] for name in BOUND_NAMES},
+        total_p95_width=float(np.median(pred["total_p95_ms"] / total)),
     )
 
 

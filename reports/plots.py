@@ -1,8 +1,9 @@
 """Figures of ``latkit plot``: how a latency model's predictions compare with measurements.
 
 Headless by construction: figures are ``matplotlib.figure.Figure`` objects rendered by the Agg
-canvas, never pyplot, so no display or global backend is touched. Every file is written
-atomically.
+canvas, never pyplot, so no display or global backend is touched. ``render_figures`` draws
+each figure once, as PNG bytes: ``make_plots`` writes them to files (atomically) and the HTML
+report (``reports.html``) embeds the same bytes.
 
 ``make_plots(model, samples, steps, output_dir)`` writes:
 
@@ -12,7 +13,9 @@ atomically.
   percentage error per knob value (prefill and decode total)
 - ``decode_total_scatter.png`` — decode total predicted vs actual, coloured by passes
 - ``decode_pass_curve.png`` — measured vs predicted time of decode pass k for a few
-  configurations (needs the steps frame and ``predict_decode_passes``)
+  configurations (needs the steps frame and ``predict_decode_passes``); when the data has
+  answers longer than any the model was trained on, a second panel draws those long answers
+  against the prediction, with the longest trained answer marked
 - ``residuals_vs_output_tokens.png`` — decode residuals against the answer length
 - ``calibration.png`` — nominal vs observed coverage of the prefill and total bounds (and the
   share of actuals under the point prediction at 0.5), for profiled and never-profiled
@@ -23,6 +26,7 @@ atomically.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,20 +41,28 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from reports.baselines import decode_passes
 from reports.evaluation import (
-    coverage_and_bias,
     per_config_table,
     profiled_mask,
     profiling_summary,
 )
-from toolkit.atomic import atomic_path
+from reports.long_answers import long_answer_mask, trained_max_output_tokens
+from reports.tables import COVERAGE_TOLERANCE
+from toolkit.atomic import write_bytes_atomic
+from toolkit.checkpoint import training_split
 from toolkit.features import BOUND_LEVELS, TIERS, feature_matrix
-from toolkit.metrics import regression_metrics
+from toolkit.metrics import decode_passes, regression_metrics, score_frame
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FIGURE_NAMES", "PlotData", "make_plots", "prepare_plot_data", "run_plots"]
+__all__ = [
+    "FIGURE_NAMES",
+    "PlotData",
+    "make_plots",
+    "prepare_plot_data",
+    "render_figures",
+    "run_plots",
+]
 
 FIGURE_NAMES: tuple[str, ...] = (
     "scatter_plots.png",
@@ -113,18 +125,18 @@ def prepare_plot_data(
     if max_samples is not None and samples.height > max_samples:
         samples = samples.sample(n=max_samples, seed=seed)
     if training is None:
-        own = getattr(model, "training_data", None)
-        training = own if isinstance(own, pl.DataFrame) and own.height else None
+        training = training_split(model)
     return PlotData(samples, model.predict_frame(samples), profiled_mask(samples, training))
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
 
 
 def _diagonal(ax: Axes, true: np.ndarray, pred: np.ndarray) -> None:
@@ -191,7 +203,7 @@ def _no_data(ax: Axes, message: str) -> None:
 # -- figures ---------------------------------------------------------------------------------
 
 
-def plot_scatter(data: PlotData, path: Path) -> None:
+def plot_scatter(data: PlotData) -> Figure:
     fig = Figure(figsize=(13, 6), layout="constrained")
     left, right = fig.subplots(1, 2)
     everything = np.ones(data.prefill_true.size, dtype=bool)
@@ -207,7 +219,7 @@ def plot_scatter(data: PlotData, path: Path) -> None:
     right.set_xlabel("actual decode time per pass (ms)")
     right.set_ylabel("predicted decode time per pass (ms)")
     fig.suptitle(f"Predicted vs measured latency ({data.samples.height} samples)")
-    _save(fig, path)
+    return fig
 
 
 def _histogram(ax: Axes, errors: np.ndarray, title: str, xlabel: str, colour: str) -> None:
@@ -237,7 +249,7 @@ def _histogram(ax: Axes, errors: np.ndarray, title: str, xlabel: str, colour: st
     ax.grid(alpha=0.3)
 
 
-def plot_error_distributions(data: PlotData, path: Path) -> None:
+def plot_error_distributions(data: PlotData) -> Figure:
     fig = Figure(figsize=(16, 9), layout="constrained")
     axes = fig.subplots(2, 3)
     has = data.has_decode
@@ -288,7 +300,7 @@ def plot_error_distributions(data: PlotData, path: Path) -> None:
     fig.suptitle(
         "Distribution of prediction errors (tails beyond P0.5/P99.5 clipped into the edge bins)"
     )
-    _save(fig, path)
+    return fig
 
 
 def _ape(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -347,12 +359,11 @@ def _boxes_by(
 
 def plot_errors_by(
     data: PlotData,
-    path: Path,
     keys: np.ndarray,
     order: Sequence[Any],
     knob: str,
     xlabel: str,
-) -> None:
+) -> Figure:
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     left, right = fig.subplots(1, 2)
     _boxes_by(
@@ -377,10 +388,10 @@ def plot_errors_by(
     fig.suptitle(
         f"Absolute percentage error by {knob} (boxes: quartiles, whiskers 1.5 IQR, outliers hidden)"
     )
-    _save(fig, path)
+    return fig
 
 
-def plot_decode_total_scatter(data: PlotData, path: Path) -> None:
+def plot_decode_total_scatter(data: PlotData) -> Figure:
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")
     ax = fig.subplots()
     has = data.has_decode
@@ -404,7 +415,7 @@ def plot_decode_total_scatter(data: PlotData, path: Path) -> None:
     ax.set_xlabel("actual decode total (ms)")
     ax.set_ylabel("predicted decode total (ms)")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return fig
 
 
 def pick_curve_configs(samples: pl.DataFrame, steps: pl.DataFrame, n_configs: int = 4) -> list[str]:
@@ -436,36 +447,16 @@ def pick_curve_configs(samples: pl.DataFrame, steps: pl.DataFrame, n_configs: in
     return chosen[:n_configs]
 
 
-def plot_decode_pass_curve(
-    model: Any,
+def _pass_curves(
+    ax: Axes,
+    predict_passes: Callable[[np.ndarray, np.ndarray], np.ndarray],
     samples: pl.DataFrame,
-    steps: pl.DataFrame | None,
-    path: Path,
-    n_configs: int = 4,
-    min_samples_per_k: int = 3,
+    steps: pl.DataFrame,
+    configs: Sequence[str],
+    min_samples_per_k: int,
 ) -> None:
-    """Mean measured vs mean predicted time of pass k, per configuration.
-
-    Both sides average over the same samples at each k (each sample predicted with its own
-    features), so the two curves are directly comparable; the band is the measured P10-P90.
-    """
-    fig = Figure(figsize=(12, 6.5), layout="constrained")
-    ax = fig.subplots()
-    predict_passes: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = getattr(
-        model, "predict_decode_passes", None
-    )
-    configs = [] if steps is None else pick_curve_configs(samples, steps, n_configs)
-    if not configs or predict_passes is None:
-        reason = (
-            "no per-pass timings (T_decode_per_step) in these results"
-            if not configs
-            else "the model has no predict_decode_passes"
-        )
-        _no_data(ax, reason)
-        ax.set_title("Decode pass time vs pass index")
-        _save(fig, path)
-        return
-    assert steps is not None
+    """Per configuration: mean measured time of pass k (dots, P10-P90 band) and the mean
+    prediction over the same samples (line)."""
     colours = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown"]
     for i, config in enumerate(configs):
         colour = colours[i % len(colours)]
@@ -509,22 +500,86 @@ def plot_decode_pass_curve(
             curve["m_mean"].to_numpy(),
             "o",
             color=colour,
-            ms=4,
+            ms=4 if max_k <= 100 else 2,
             label=f"{config}: measured (n={chosen.height})",
         )
         ax.plot(
             x, curve["p_mean"].to_numpy(), "-", color=colour, lw=2, label=f"{config}: predicted"
         )
-    ax.set_title(
-        "Decode pass time vs pass index k: measured mean (dots, P10-P90 band) vs "
-        "predicted (lines)\nconfig = <tier>_<top_k>_<active blocks>"
-    )
     ax.set_xlabel("decode pass k (KV cache = prompt + k tokens)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("time of decode pass k (ms)")
-    ax.legend(fontsize=8, ncols=2, loc="best")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+
+
+def plot_decode_pass_curve(
+    model: Any,
+    samples: pl.DataFrame,
+    steps: pl.DataFrame | None,
+    n_configs: int = 4,
+    min_samples_per_k: int = 3,
+) -> Figure:
+    """Mean measured vs mean predicted time of pass k, per configuration.
+
+    Both sides average over the same samples at each k (each sample predicted with its own
+    features), so the two curves are directly comparable; the band is the measured P10-P90.
+    Answers longer than any the model was trained on get their own panel (the growth a
+    controller relies on when it plans a long answer), the longest trained answer marked.
+    """
+    predict_passes: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = getattr(
+        model, "predict_decode_passes", None
+    )
+    long = long_answer_mask(model, samples)
+    groups = [("", samples)] if long is None or not long.any() else []
+    if not groups:
+        groups = [
+            ("answers within the trained length", samples.filter(~pl.Series(long))),
+            ("long answers, beyond any trained", samples.filter(pl.Series(long))),
+        ]
+    panels = []
+    if steps is not None and predict_passes is not None:
+        for label, part in groups:
+            configs = pick_curve_configs(part, steps, n_configs)
+            if configs:
+                panels.append((label, part, configs))
+    title = (
+        "Decode pass time vs pass index k: measured mean (dots, P10-P90 band) vs predicted "
+        "(lines)\nconfig = <tier>_<top_k>_<active blocks>"
+    )
+    if not panels:
+        fig = Figure(figsize=(12, 6.5), layout="constrained")
+        ax = fig.subplots()
+        _no_data(
+            ax,
+            "the model has no predict_decode_passes"
+            if predict_passes is None
+            else "no per-pass timings (T_decode_per_step) in these results",
+        )
+        ax.set_title("Decode pass time vs pass index")
+        return fig
+    assert steps is not None and predict_passes is not None
+    fig = Figure(figsize=(12 if len(panels) == 1 else 17, 6.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (label, part, configs) in zip(axes, panels, strict=True):
+        _pass_curves(ax, predict_passes, part, steps, configs, min_samples_per_k)
+        if label.startswith("long"):
+            longest = trained_max_output_tokens(model)
+            assert longest is not None
+            ax.axvline(
+                longest - 1,
+                color="k",
+                ls=":",
+                lw=1.2,
+                label=f"longest trained answer ({longest - 1} passes)",
+            )
+        if label:
+            ax.set_title(label)
+        ax.legend(fontsize=8, ncols=2, loc="best")
+    if len(panels) == 1 and not panels[0][0]:
+        axes[0].set_title(title)
+    else:
+        fig.suptitle(title)
+    return fig
 
 
 def _binned_median(x: np.ndarray, y: np.ndarray, n_bins: int = 12) -> tuple[np.ndarray, ...]:
@@ -543,7 +598,7 @@ def _binned_median(x: np.ndarray, y: np.ndarray, n_bins: int = 12) -> tuple[np.n
     return np.array(centres), np.array(medians), np.array(p25), np.array(p75)
 
 
-def plot_residuals_vs_output_tokens(data: PlotData, path: Path) -> None:
+def plot_residuals_vs_output_tokens(data: PlotData) -> Figure:
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     left, right = fig.subplots(1, 2)
     has = data.has_decode
@@ -595,7 +650,7 @@ def plot_residuals_vs_output_tokens(data: PlotData, path: Path) -> None:
         "Decode residuals against output length (a trend means the pass-time growth "
         "with k is mis-modelled)"
     )
-    _save(fig, path)
+    return fig
 
 
 #: Colours of profiled / never-profiled configurations (unknown: grey).
@@ -604,9 +659,6 @@ PROFILED_COLOURS: dict[str, str] = {
     "never profiled": "tab:orange",
     "all (profiling unknown)": "0.5",
 }
-#: How far from nominal observed coverage may be and still count as calibrated ("within a few
-#: points", DESIGN.md): the shaded band of the calibration figure.
-COVERAGE_TOLERANCE = 0.03
 
 
 def _groups(data: PlotData) -> list[tuple[str, np.ndarray]]:
@@ -618,7 +670,7 @@ def _groups(data: PlotData) -> list[tuple[str, np.ndarray]]:
     return [(label, mask) for label, mask in groups if mask.any()]
 
 
-def plot_calibration(data: PlotData, path: Path) -> None:
+def plot_calibration(data: PlotData) -> Figure:
     """Observed vs nominal coverage of the prefill and the total bounds; the share of actuals
     under the point prediction (bias) sits at 0.5 as a hollow marker. Groups (all, profiled,
     never profiled) are nudged sideways so their markers do not hide each other; the values
@@ -655,7 +707,7 @@ def plot_calibration(data: PlotData, path: Path) -> None:
         for i, (label, mask) in enumerate(groups):
             part = data.samples.filter(pl.Series(mask))
             predicted = {k: v[mask] for k, v in data.predictions.items()}
-            checks = coverage_and_bias(part, predicted)
+            checks = score_frame(part, predicted)
             observed = np.array([checks["coverage"][n] for n in names])
             bias = float(checks["bias"].get(target, np.nan))
             colour = colours.get(label, "0.5")
@@ -713,7 +765,7 @@ def plot_calibration(data: PlotData, path: Path) -> None:
         "Calibration of the bounds: observed vs nominal coverage "
         f"({data.samples.height} samples; on the diagonal = calibrated)"
     )
-    _save(fig, path)
+    return fig
 
 
 def _mape_bars(
@@ -772,7 +824,7 @@ def _mape_bars(
     ax.grid(alpha=0.3, axis="y")
 
 
-def plot_unprofiled_configs(data: PlotData, path: Path) -> None:
+def plot_unprofiled_configs(data: PlotData) -> Figure:
     """MAPE per configuration, sorted, profiled and never-profiled bars in two colours; the
     dashed lines are each group's MAPE over its samples."""
     table = per_config_table(data.samples, data.predictions, data.profiled)
@@ -806,7 +858,67 @@ def plot_unprofiled_configs(data: PlotData, path: Path) -> None:
         n_never = sum(1 for row in table.values() if row["profiled"] is False)
         headline = f"{n_never} of {len(table)} configurations never profiled"
     fig.suptitle(f"Error on profiled vs never-profiled configurations ({headline})")
-    _save(fig, path)
+    return fig
+
+
+def render_figures(
+    model: Any,
+    samples: pl.DataFrame,
+    steps: pl.DataFrame | None,
+    *,
+    max_samples: int | None = 10000,
+    seed: int = 0,
+    n_curve_configs: int = 4,
+    training: pl.DataFrame | None = None,
+) -> dict[str, bytes]:
+    """Every figure of ``FIGURE_NAMES``, drawn once, as PNG bytes (in that order).
+
+    ``training``: the model's training data (default: its training split), which tells
+    profiled configurations from never-profiled ones."""
+    data = prepare_plot_data(model, samples, max_samples=max_samples, seed=seed, training=training)
+    if steps is not None and data.samples.height < samples.height:
+        steps = steps.join(data.samples.select("sample_key"), on="sample_key", how="semi")
+    draw: dict[str, Callable[[], Figure]] = {
+        "scatter_plots.png": lambda: plot_scatter(data),
+        "error_distributions.png": lambda: plot_error_distributions(data),
+        "errors_by_tier.png": lambda: plot_errors_by(
+            data, data.tier, TIERS, "tier", "image tier (low 1-3 crops, medium 4-8, high 9-15)"
+        ),
+        "errors_by_topk.png": lambda: plot_errors_by(
+            data,
+            data.top_k,
+            sorted(set(data.top_k.tolist())),
+            "top_k",
+            "top_k (MoE experts per token)",
+        ),
+        "errors_by_blocks.png": lambda: plot_errors_by(
+            data,
+            data.blocks,
+            sorted(set(data.blocks.tolist())),
+            "active blocks",
+            "active decoder blocks (of 16)",
+        ),
+        "decode_total_scatter.png": lambda: plot_decode_total_scatter(data),
+        "decode_pass_curve.png": lambda: plot_decode_pass_curve(
+            model, data.samples, steps, n_configs=n_curve_configs
+        ),
+        "residuals_vs_output_tokens.png": lambda: plot_residuals_vs_output_tokens(data),
+        "calibration.png": lambda: plot_calibration(data),
+        "unprofiled_configs.png": lambda: plot_unprofiled_configs(data),
+    }
+    assert tuple(draw) == FIGURE_NAMES
+    return {name: _png(figure()) for name, figure in draw.items()}
+
+
+def write_figures(figures: Mapping[str, bytes], output_dir: str | Path) -> list[Path]:
+    """Write PNG bytes of ``render_figures`` into ``output_dir`` (atomically); their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, png in figures.items():
+        write_bytes_atomic(out / name, png)
+        paths.append(out / name)
+    return paths
 
 
 def make_plots(
@@ -820,52 +932,20 @@ def make_plots(
     n_curve_configs: int = 4,
     training: pl.DataFrame | None = None,
 ) -> list[Path]:
-    """Write all figures of ``FIGURE_NAMES`` into ``output_dir``; returns their paths.
-
-    ``training``: the model's training data (default ``model.training_data``), which tells
-    profiled configurations from never-profiled ones."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = prepare_plot_data(model, samples, max_samples=max_samples, seed=seed, training=training)
-    if steps is not None and data.samples.height < samples.height:
-        steps = steps.join(data.samples.select("sample_key"), on="sample_key", how="semi")
-    paths = {name: out / name for name in FIGURE_NAMES}
-    plot_scatter(data, paths["scatter_plots.png"])
-    plot_error_distributions(data, paths["error_distributions.png"])
-    plot_errors_by(
-        data,
-        paths["errors_by_tier.png"],
-        data.tier,
-        TIERS,
-        "tier",
-        "image tier (low 1-3 crops, medium 4-8, high 9-15)",
+    """Write all figures of ``FIGURE_NAMES`` into ``output_dir``; returns their paths."""
+    figures = render_figures(
+        model,
+        samples,
+        steps,
+        max_samples=max_samples,
+        seed=seed,
+        n_curve_configs=n_curve_configs,
+        training=training,
     )
-    plot_errors_by(
-        data,
-        paths["errors_by_topk.png"],
-        data.top_k,
-        sorted(set(data.top_k.tolist())),
-        "top_k",
-        "top_k (MoE experts per token)",
-    )
-    plot_errors_by(
-        data,
-        paths["errors_by_blocks.png"],
-        data.blocks,
-        sorted(set(data.blocks.tolist())),
-        "active blocks",
-        "active decoder blocks (of 16)",
-    )
-    plot_decode_total_scatter(data, paths["decode_total_scatter.png"])
-    plot_decode_pass_curve(
-        model, data.samples, steps, paths["decode_pass_curve.png"], n_configs=n_curve_configs
-    )
-    plot_residuals_vs_output_tokens(data, paths["residuals_vs_output_tokens.png"])
-    plot_calibration(data, paths["calibration.png"])
-    plot_unprofiled_configs(data, paths["unprofiled_configs.png"])
-    for path in paths.values():
+    paths = write_figures(figures, output_dir)
+    for path in paths:
         log.info("Wrote %s", path)
-    return list(paths.values())
+    return paths
 
 
 def run_plots(
@@ -886,7 +966,7 @@ def run_plots(
     ``held_out_only`` drops the samples of the checkpoint's training split first (as in
     ``latkit evaluate --held-out-only``).
     """
-    from reports.evaluation import load_model_and_samples, model_training_data
+    from reports.evaluation import load_model_and_samples
     from toolkit.errors import LatkitError
 
     model, loaded, samples, _ = load_model_and_samples(
@@ -907,5 +987,4 @@ def run_plots(
         output_dir,
         max_samples=max_samples,
         seed=seed,
-        training=model_training_data(model, Path(checkpoint)),
     )

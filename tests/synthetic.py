@@ -80,6 +80,7 @@ def make_samples(
     max_output_tokens: int = 24,
     runs_per_pass: int = 2,
     noise: float = 0.01,
+    min_output_tokens: int = 1,
 ) -> list[SyntheticSample]:
     rng = np.random.default_rng(seed)
     samples: list[SyntheticSample] = []
@@ -93,7 +94,7 @@ def make_samples(
                         crops = int(rng.integers(low, high + 1))
                         vision_tokens = (crops + 1) * 144
                         text_tokens = int(rng.integers(20, 120))
-                        output_tokens = int(rng.integers(1, max_output_tokens + 1))
+                        output_tokens = int(rng.integers(min_output_tokens, max_output_tokens + 1))
                         prompt = vision_tokens + text_tokens
                         kv = prompt + np.arange(1, output_tokens)
                         base = decode_pass_ms(top_k, n_blocks, kv)

@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from reports.evaluation import jsonable, score_predictions, write_evaluation
-from toolkit.metrics import regression_metrics
+from reports.evaluation import write_evaluation
+from toolkit.metrics import jsonable, regression_metrics, score_frame
 
 
 def test_regression_metrics_hand_computed() -> None:
@@ -52,7 +52,7 @@ def test_shape_mismatch_raises() -> None:
         regression_metrics([1.0, 2.0], [1.0])
 
 
-def test_score_predictions_decode_blocks_hand_computed() -> None:
+def test_score_frame_decode_and_total_blocks_hand_computed() -> None:
     # three samples: 0, 2 and 4 decode passes; only the last two count for decode
     samples = pl.DataFrame(
         {
@@ -68,7 +68,7 @@ def test_score_predictions_decode_blocks_hand_computed() -> None:
         "prefill_ms": np.array([101.0, 108.0, 203.0]),
         "decode_total_ms": np.array([5.0, 22.0, 56.0]),
     }
-    scores = score_predictions(samples, predictions)
+    scores = score_frame(samples, predictions)
     assert scores["prefill"]["n"] == 3
     assert scores["prefill"]["mae_ms"] == pytest.approx((1 + 2 + 3) / 3)
     assert scores["decode_total"]["n"] == 2
@@ -78,6 +78,15 @@ def test_score_predictions_decode_blocks_hand_computed() -> None:
     assert scores["decode_per_token"]["n"] == 2
     assert scores["decode_per_token"]["mae_ms"] == pytest.approx(1.0)
     assert scores["decode_per_token"]["mape_pct"] == pytest.approx((1 / 10 + 1 / 15) / 2 * 100)
+    # total: every sample, prefill + decode (no total_ms given): 106 vs 100, 130 vs 130,
+    # 259 vs 260
+    assert scores["total"]["n"] == 3
+    assert scores["total"]["mae_ms"] == pytest.approx((6 + 0 + 1) / 3)
+    assert scores["bias"] == pytest.approx({"prefill": 2 / 3, "decode_total": 0.5, "total": 2 / 3})
+    assert scores["coverage"] == {}  # no bound outputs
+    # a prefill-only model: its prefill, bias and (no) coverage only
+    prefill_only = score_frame(samples, {"prefill_ms": predictions["prefill_ms"]})
+    assert set(prefill_only) == {"prefill", "coverage", "bias"}
 
 
 def test_nan_becomes_null_in_json(tmp_path: Path) -> None:
@@ -112,5 +121,7 @@ def test_noise_floor_hand_computed() -> None:
     assert floor["prefill"]["mape_pct"] == pytest.approx((expected / 10 + expected / 14) / 2 * 100)
     assert floor["decode_total"]["mae_ms"] == pytest.approx(2 * math.sqrt(0.5))
     assert floor["decode_per_token"]["mae_ms"] == pytest.approx(1 * math.sqrt(0.5))
+    # the total (14 and 20 ms) of the same identical work
+    assert floor["total"]["mae_ms"] == pytest.approx(6 * math.sqrt(0.5))
     # no repeats at all: n = 0 and NaN, not an error
     assert math.isnan(noise_floor(samples.tail(1))["prefill"]["mae_ms"])

@@ -221,3 +221,51 @@ def test_cli_plot_held_out_only_with_nothing_held_out(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "no held-out samples" in result.output
+
+
+def test_decode_pass_curve_draws_long_answers_in_their_own_panel(tmp_path: Path) -> None:
+    """Answers longer than any trained: measured against predicted in a second panel, with
+    the longest trained answer marked; without them, one panel as before."""
+    from reports.plots import plot_decode_pass_curve
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    model = fit_small_model(short, seed=9, n_estimators=20)
+    longest = model.manifest["training_summary"]["output_tokens_range"][1]
+    write_results_dir(
+        long,
+        make_samples(
+            n_per_config=2,
+            seed=10,
+            datasets=("text_vqa",),
+            top_ks=(8,),
+            blocks=(16,),
+            min_output_tokens=40,
+            max_output_tokens=60,
+        ),
+    )
+    both = pl.concat(
+        [
+            load_results(short).samples,
+            load_results(long).samples.with_columns(pl.col("sample_key") + 100_000),
+        ]
+    )
+    steps = pl.concat(
+        [
+            load_results(short).steps,
+            load_results(long).steps.with_columns(pl.col("sample_key") + 100_000),
+        ]
+    )
+    figure = plot_decode_pass_curve(model, both, steps)
+    axes = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == [
+        "answers within the trained length",
+        "long answers, beyond any trained",
+    ]
+    long_axis = axes[1]
+    assert max(line.get_xdata()[-1] for line in long_axis.get_lines()) >= 39  # passes drawn
+    marks = [line for line in long_axis.get_lines() if line.get_linestyle() == ":"]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == longest - 1
+    predicted = [line for line in long_axis.get_lines() if "predicted" in str(line.get_label())]
+    assert len(predicted) == 3  # one per tier (3 configurations of long answers)
+    single = plot_decode_pass_curve(model, load_results(short).samples, load_results(short).steps)
+    assert len(single.axes) == 1

@@ -1,11 +1,13 @@
 """``latkit demo``: the whole pipeline on a bundled measured sweep.
 
-Trains the hybrid model (random split) and scores it on its held-out samples with the
-baselines side by side, trains it again on a sparse 3x3 grid of profiled configurations and
-scores the 16 per tier it never saw (errors, bias, coverage of the bounds), draws the
-figures, exports the fused predictor (ONNX + TorchScript, with the budget query), answers a
-few controller questions with it, and recalibrates the model to the sweep's 2-thread twin.
-Every step calls the same function as the command of the same name.
+Trains the hybrid model (random split), recalibrates it to the sweep's 2-thread twin, writes
+the report (``report.html``: the model scored on its held-out samples with the baselines side
+by side, the figures and the recalibration curve; the same evaluation JSON and figures
+beside it), scores answers longer than any trained when the bundled long-answer sweep is
+there, trains it again on a sparse 3x3 grid of profiled configurations and scores the 16 per
+tier it never saw (errors, bias, coverage of the bounds), exports the fused predictor (ONNX +
+TorchScript, with the budget query) and answers a few controller questions with it. Every
+step calls the same function as the command of the same name.
 
 ``data="small"`` (default): the ``small`` preset's sweep, whose latency is set by compute;
 ``data="tiny"``: the ``tiny`` preset's, faster to train on and overhead-bound (see
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,9 @@ BUNDLED: dict[str, tuple[str, str]] = {
     "tiny": ("core_exp_tiny_cpu", "core_exp_tiny_cpu_2threads"),
 }
 DEFAULT_DATA = "small"
+#: Bundled sweeps of answers longer than any in the main sweep, by preset (scored by the
+#: demo's model when present).
+LONG_ANSWERS: dict[str, str] = {"small": "core_exp_small_cpu_long"}
 
 
 def bundled_data_dir() -> Path:
@@ -61,12 +67,25 @@ def _banner(title: str) -> None:
     log.info("\n== %s %s", title, "=" * max(0, 66 - len(title)))
 
 
-def _metric_line(label: str, result: dict[str, Any]) -> str:
+def _metric_line(label: str, result: Mapping[str, Any]) -> str:
     prefill, decode = result["prefill"], result.get("decode_total")
     line = f"  {label:<34} prefill MAPE {prefill['mape_pct']:6.2f}%  R² {prefill['r2']:.3f}"
     if decode:  # the trees-only baseline predicts prefill only
         line += f"   decode total MAPE {decode['mape_pct']:6.2f}%  R² {decode['r2']:.3f}"
     return line
+
+
+def long_answer_lines(checkpoint: Path, results: Path, output_file: Path) -> list[str]:
+    """The demo's line on answers longer than any trained (``latkit evaluate`` on a sweep of
+    them, its JSON written to ``output_file``)."""
+    from reports.evaluation import run_evaluation
+    from reports.text import long_answer_line
+
+    evaluation = run_evaluation(checkpoint, results, output_file=output_file)
+    block = evaluation.get("long_answers")
+    if block is None:
+        return ["", f"Long answers ({results}): none longer than the model's training answers."]
+    return ["", f"Long answers ({results.name}):", "  " + long_answer_line(block)]
 
 
 def run_demo(
@@ -76,12 +95,16 @@ def run_demo(
     num_epochs: int = 50,
     single_network_epochs: int = 50,
     data: str = DEFAULT_DATA,
+    long_results_dir: str | Path | None = None,
 ) -> DemoSummary:
-    """Run the pipeline into ``work_dir``; returns what was written and measured."""
+    """Run the pipeline into ``work_dir``; returns what was written and measured.
+
+    ``long_results_dir``: a sweep of long answers to score the model on (default: the
+    bundled one of ``LONG_ANSWERS`` when it is there; skipped when there is none)."""
     from exporters.export import export_checkpoint
     from exporters.predict import predict_single
     from exporters.runtime import LatencyPredictor
-    from reports.evaluation import run_evaluation
+    from reports.html import run_report
     from reports.knob_splits import score_split
     from reports.plots import run_plots
     from toolkit.controller import budget_table, knob_grid, request_features
@@ -103,6 +126,11 @@ def run_demo(
     target = (
         Path(target_results_dir) if target_results_dir is not None else bundled_data_dir() / twin
     )
+    long_results = (
+        Path(long_results_dir)
+        if long_results_dir is not None
+        else bundled_data_dir() / LONG_ANSWERS.get(data, "-")
+    )
     summary = DemoSummary(work_dir=work)
     summary.paths["results (bundled measurements)"] = results
 
@@ -111,21 +139,44 @@ def run_demo(
     train_model(results, checkpoint, split="sample", num_epochs=num_epochs, progress=False)
     summary.paths["model"] = checkpoint
 
-    _banner("evaluate (held-out samples, with baselines)")
-    evaluation = run_evaluation(
+    recalibration_lines: list[str] = []
+    curve = None
+    if target.is_dir():
+        _banner("recalibrate to the 2-thread sweep")
+        recalibrated = work / "checkpoints" / "latency_estimator_recalibrated_2threads"
+        recalibration = run_recalibration(
+            checkpoint,
+            target,
+            recalibrated,
+            n_samples=25,
+            outlier_ms=None,
+            curve_ns=(10, 25, 50, 100),
+        )
+        summary.paths["recalibrated model"] = recalibrated
+        recalibration_lines = ["", "Recalibration to the 2-thread sweep:", recalibration]
+        curve = recalibrated / "recalibration_curve.json"
+
+    _banner("report (held-out samples, with baselines; figures; recalibration curve)")
+    report = run_report(
         checkpoint,
         results,
-        output_file=work / "evaluation_results.json",
-        baselines=True,
+        work / "report.html",
         held_out_only=True,
+        baselines=True,
+        recalibration_curve=curve,
+        json_file=work / "evaluation_results.json",
+        figures_dir=work / "visualizations",
         single_network_epochs=single_network_epochs,
     )
+    evaluation = report.evaluation
+    summary.paths["report"] = report.path
     summary.paths["evaluation"] = work / "evaluation_results.json"
+    summary.paths["figures"] = work / "visualizations"
 
     _banner("sparse grid: profile 3x3 configurations per tier, predict the other 16")
     loaded = load_results(results)
     sparse = score_split(loaded.samples, loaded.steps, "sparse", num_epochs=num_epochs)
-    summary.metrics = {"sample_split": evaluation, "sparse_grid": sparse.to_dict()}
+    summary.metrics = {"sample_split": dict(evaluation), "sparse_grid": sparse.to_dict()}
     summary.lines += ["", "Held-out accuracy (the baselines were fit on the same training split):"]
     summary.lines.append(_metric_line("hybrid (physics x trees)", evaluation))
     for name, label in [
@@ -156,6 +207,15 @@ def run_demo(
                 if isinstance(v, dict)
             )
         )
+    summary.lines.append(
+        f"  the report: {report.path} ({report.n_bytes / 1024:.0f} KB, one self-contained page)"
+    )
+    if long_results.is_dir():
+        _banner("long answers (longer than any trained)")
+        summary.lines += long_answer_lines(
+            checkpoint, long_results, work / "evaluation_long_answers.json"
+        )
+        summary.paths["evaluation (long answers)"] = work / "evaluation_long_answers.json"
     summary.lines += ["", "Sparse grid (trained on top_k 4/8/12 x blocks 8/12/16 of each tier):"]
     for label, part in (
         ("profiled configs, held-out samples", sparse.profiled),
@@ -173,15 +233,13 @@ def run_demo(
     sparse.model.save(sparse_checkpoint)
     summary.paths["model (sparse grid)"] = sparse_checkpoint
 
-    _banner("plot")
-    figures = run_plots(checkpoint, results, work / "visualizations", held_out_only=True)
-    summary.paths["figures"] = work / "visualizations"
+    _banner("plot (sparse-grid model)")
     sparse_figures = run_plots(
         sparse_checkpoint, results, work / "visualizations_sparse_grid", held_out_only=True
     )
     summary.paths["figures (sparse grid)"] = work / "visualizations_sparse_grid"
     summary.lines.append(
-        f"\n{len(figures)} figures written, and {len(sparse_figures)} of the sparse-grid model "
+        f"\n{len(sparse_figures)} figures of the sparse-grid model written "
         "(unprofiled_configs.png: its error on profiled vs never-profiled configurations)."
     )
 
@@ -241,19 +299,7 @@ def run_demo(
         f"  (latency_budget.onnx gives the same output room for all 75: {'yes' if agree else 'NO'})"
     )
 
-    if target.is_dir():
-        _banner("recalibrate to the 2-thread sweep")
-        recalibrated = work / "checkpoints" / "latency_estimator_recalibrated_2threads"
-        report = run_recalibration(
-            checkpoint,
-            target,
-            recalibrated,
-            n_samples=25,
-            outlier_ms=None,
-            curve_ns=(10, 25, 50, 100),
-        )
-        summary.paths["recalibrated model"] = recalibrated
-        summary.lines += ["", "Recalibration to the 2-thread sweep:", report]
+    summary.lines += recalibration_lines
 
     summary.seconds = time.perf_counter() - started
     return summary

@@ -1,13 +1,18 @@
 """Metrics of latency predictions (regression, coverage of bounds, bias); models and reports
-both use them, so they live below both."""
+both use them, so they live below both.
+
+``score_frame`` is the one scoring of a predictions frame: the model's own validation
+metrics, ``latkit evaluate``, the knob splits and the recalibration curve all call it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
+import polars as pl
 from numpy.typing import ArrayLike
 
 from toolkit.features import BOUND_LEVELS
@@ -99,3 +104,74 @@ def coverage_and_bias(
         bias["decode_total"] = bias_share(decode[passes], decode_pred[passes])
         bias["total"] = bias_share(total, total_pred)
     return {"coverage": covered, "bias": bias}
+
+
+def decode_passes(samples: pl.DataFrame) -> np.ndarray:
+    """Decode passes per sample: ``n_decode_passes`` where present, else ``output_tokens - 1``."""
+    if "n_decode_passes" in samples.columns:
+        passes = samples["n_decode_passes"].to_numpy().astype(np.float64)
+    elif "output_tokens" in samples.columns:
+        passes = samples["output_tokens"].to_numpy().astype(np.float64) - 1.0
+    else:
+        raise KeyError("samples frame has neither n_decode_passes nor output_tokens")
+    return np.maximum(passes, 0.0)
+
+
+class FrameScores(TypedDict, total=False):
+    """What ``score_frame`` returns (the decode and total blocks only for models that predict
+    ``decode_total_ms``)."""
+
+    prefill: RegressionMetrics
+    decode_total: RegressionMetrics
+    decode_per_token: RegressionMetrics
+    total: RegressionMetrics
+    coverage: dict[str, float]
+    bias: dict[str, float]
+
+
+def score_frame(samples: pl.DataFrame, predictions: Mapping[str, ArrayLike]) -> FrameScores:
+    """Every score of one model's predictions of a samples frame.
+
+    Targets, as the original tools defined them:
+
+    - ``prefill``: ``T_prefill_total`` (vision + LLM prefill), every sample;
+    - ``decode_total``: ``T_LLM_decode`` over the samples with at least one decode pass;
+    - ``decode_per_token``: decode total / passes (the mean time of one pass), same samples;
+      the prediction is the predicted decode total over the same measured passes, so every
+      model is divided the same way;
+    - ``total``: prefill + decode (``total_ms``, else predicted prefill + decode), every sample;
+    - ``coverage`` and ``bias``: as ``coverage_and_bias``.
+
+    A prefill-only model (no ``decode_total_ms``) gets ``prefill``, ``coverage`` and ``bias``.
+    """
+    prefill_true = samples["T_prefill_total"].to_numpy().astype(np.float64)
+    decode_true = samples["T_LLM_decode"].to_numpy().astype(np.float64)
+    passes = decode_passes(samples)
+    has = passes > 0
+    prefill_pred = np.asarray(predictions["prefill_ms"], dtype=np.float64)
+    scores = FrameScores(prefill=regression_metrics(prefill_true, prefill_pred))
+    if "decode_total_ms" in predictions:
+        decode_pred = np.asarray(predictions["decode_total_ms"], dtype=np.float64)
+        total_pred = np.asarray(predictions.get("total_ms", prefill_pred + decode_pred))
+        scores["decode_total"] = regression_metrics(decode_true[has], decode_pred[has])
+        scores["decode_per_token"] = regression_metrics(
+            decode_true[has] / passes[has], decode_pred[has] / passes[has]
+        )
+        scores["total"] = regression_metrics(prefill_true + decode_true, total_pred)
+    shares = coverage_and_bias(prefill_true, decode_true, has, predictions)
+    scores["coverage"] = shares["coverage"]
+    scores["bias"] = shares["bias"]
+    return scores
+
+
+def jsonable(value: Any) -> Any:
+    """Deep copy with NaN/inf as None and numpy scalars as Python numbers (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

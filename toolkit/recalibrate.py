@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from toolkit.errors import LatkitError
-from toolkit.metrics import coverage, regression_metrics
+from toolkit.metrics import score_frame
 from toolkit.models.bounds import ConformalBounds
 from toolkit.models.calibration import Calibration
 from toolkit.models.hybrid import HybridLatencyModel
@@ -270,13 +270,9 @@ def _score(
     model: HybridLatencyModel, samples: pl.DataFrame
 ) -> tuple[float, float, float, float, float]:
     """Prefill MAPE and R², decode total MAPE and R², coverage of ``total_p95_ms``."""
-    predicted = model.predict_frame(samples)
-    prefill_true = samples["T_prefill_total"].to_numpy()
-    prefill = regression_metrics(prefill_true, predicted["prefill_ms"])
-    has_passes = samples["n_decode_passes"].to_numpy() > 0
-    decode_true = samples["T_LLM_decode"].to_numpy()
-    decode = regression_metrics(decode_true[has_passes], predicted["decode_total_ms"][has_passes])
-    covered = coverage(prefill_true + decode_true, predicted["total_p95_ms"])
+    scores = score_frame(samples, model.predict_frame(samples))
+    prefill, decode = scores["prefill"], scores["decode_total"]
+    covered = scores["coverage"]["total_p95_ms"]
     return prefill["mape_pct"], prefill["r2"], decode["mape_pct"], decode["r2"], covered
 
 

@@ -27,6 +27,7 @@ COMMAND_MODULES: dict[str, str] = {
     "train": "toolkit.cli.train_cmd",
     "evaluate": "toolkit.cli.evaluate_cmd",
     "plot": "toolkit.cli.plot_cmd",
+    "report": "toolkit.cli.report_cmd",
     "export": "toolkit.cli.export_cmd",
     "predict": "toolkit.cli.predict_cmd",
     "recalibrate": "toolkit.cli.recalibrate_cmd",
@@ -95,6 +96,6 @@ def main() -> None:
     """latkit: predict the latency of adaptive VLM inference (tier, top_k, active blocks).
 
     Typical flow: ``profile`` (or bring core-experiment results), ``inspect``, ``train``,
-    ``evaluate``, ``plot``, ``export``, ``predict``. ``latkit demo`` runs all of it on the
-    bundled dataset.
+    ``evaluate``, ``plot``, ``report``, ``export``, ``predict``. ``latkit demo`` runs all of
+    it on the bundled dataset.
     """

@@ -14,6 +14,17 @@ from toolkit.cli.options import (
     verbose_option,
 )
 
+#: ``--single-network-epochs`` (``evaluate --baselines`` and ``report``).
+single_network_epochs_option = click.option(
+    "--single-network-epochs",
+    "--single_network_epochs",
+    "single_network_epochs",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Epochs of the original single-network baseline (the original used 50).",
+)
+
 
 @click.command("evaluate")
 @checkpoint_option()
@@ -47,15 +58,7 @@ from toolkit.cli.options import (
     "Drop the samples of the checkpoint's training split before scoring (for "
     "evaluating on the directory the model was trained from)."
 )
-@click.option(
-    "--single-network-epochs",
-    "--single_network_epochs",
-    "single_network_epochs",
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-    help="Epochs of the original single-network baseline (the original used 50).",
-)
+@single_network_epochs_option
 @click.option(
     "--seed",
     type=int,
@@ -107,7 +110,8 @@ def evaluate_command(
     del batch_size
     setup_logging(verbose)
     # Imported here so `latkit --help` stays fast (torch, xgboost).
-    from reports.evaluation import format_report, run_evaluation
+    from reports.evaluation import run_evaluation
+    from reports.text import format_report
 
     names, use_all = dataset_selection(use_all_datasets, dataset_names)
     result = run_evaluation(

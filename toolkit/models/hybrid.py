@@ -37,7 +37,7 @@ from toolkit.features import (
     supported_output_tokens,
     supported_range,
 )
-from toolkit.metrics import coverage_and_bias, regression_metrics
+from toolkit.metrics import jsonable, score_frame
 from toolkit.models.artifact import (
     DECODE_FILE,
     FORMAT,
@@ -113,10 +113,6 @@ def _fmt_values(values: np.ndarray) -> str:
     unique = np.unique(values)
     shown = ", ".join(f"{v:g}" for v in unique[:3])
     return shown + (f" (and {len(unique) - 3} more)" if len(unique) > 3 else "")
-
-
-def _clean_metrics(metrics: Any) -> dict[str, Any]:
-    return {k: (_finite_float(v) if isinstance(v, float) else v) for k, v in dict(metrics).items()}
 
 
 def _num_total_blocks(samples: pl.DataFrame) -> int | None:
@@ -567,29 +563,10 @@ class HybridLatencyModel:
         return manifest
 
     def evaluate(self, samples: pl.DataFrame) -> dict[str, Any]:
-        """Metrics of every output against a samples frame (JSON-able, NaN -> null)."""
-        pred = self.predict_frame(samples)
-        prefill_true = samples["T_prefill_total"].to_numpy().astype(np.float64)
-        decode_true = samples["T_LLM_decode"].to_numpy().astype(np.float64)
-        has_passes = samples["n_decode_passes"].to_numpy() > 0
-        out: dict[str, Any] = {
-            "prefill": _clean_metrics(regression_metrics(prefill_true, pred["prefill_ms"])),
-            "decode_total": _clean_metrics(
-                regression_metrics(decode_true[has_passes], pred["decode_total_ms"][has_passes])
-            ),
-            "total": _clean_metrics(
-                regression_metrics(prefill_true + decode_true, pred["total_ms"])
-            ),
-        }
-        if "T_decode_per_token" in samples.columns:
-            per_token = samples["T_decode_per_token"].to_numpy().astype(np.float64)
-            out["decode_per_token"] = _clean_metrics(
-                regression_metrics(per_token[has_passes], pred["decode_per_token_ms"][has_passes])
-            )
-        shares = coverage_and_bias(prefill_true, decode_true, has_passes, pred)
-        for key, values in shares.items():
-            out[key] = {name: _finite_float(value) for name, value in values.items()}
-        return out
+        """Metrics of every output against a samples frame (JSON-able, NaN -> null): the
+        scoring of ``latkit evaluate`` (``toolkit.metrics.score_frame``)."""
+        scores: dict[str, Any] = jsonable(score_frame(samples, self.predict_frame(samples)))
+        return scores
 
     # -- persistence --------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
