@@ -101,6 +101,19 @@ class MolmoE1B:
         return weights / weights.sum()
 
 
+#: Devices a sweep can be simulated on (``precise_sweep.py --device``); the A100-like one
+#: (312 TFLOP/s, 2.0 TB/s, 108 SMs) moves every crossover and step of the H100-like default.
+DEVICES: dict[str, Device] = {
+    "h100": Device(),
+    "a100": Device(
+        name="simulated A100-like roofline (not a measurement)",
+        peak_tflops=312.0,
+        hbm_tb_s=2.0,
+        sms=108,
+        kernel_fixed_us=4.0,
+    ),
+}
+
 TILES: tuple[tuple[int, int], ...] = ((128, 256), (128, 128), (64, 128))
 
 
@@ -284,6 +297,8 @@ def decode_pass_line(
     return constant, slope
 
 
-def decode_pass_us(top_k: int, num_active_blocks: int, kv_tokens: np.ndarray) -> np.ndarray:
-    constant, slope = decode_pass_line(top_k, num_active_blocks)
+def decode_pass_us(
+    top_k: int, num_active_blocks: int, kv_tokens: np.ndarray, dev: Device = Device()
+) -> np.ndarray:
+    constant, slope = decode_pass_line(top_k, num_active_blocks, dev)
     return constant + slope * np.asarray(kv_tokens, dtype=np.float64)

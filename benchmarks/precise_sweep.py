@@ -14,7 +14,7 @@ measure (``toolkit.profiler.runner.plan_jobs``), written by the profiler's own w
 sample ``metadata.simulated = true``, and ``logs/run.json`` says so. Never bundle it as data.
 
     python benchmarks/precise_sweep.py [--output-dir DIR] [--samples-per-config 6]
-        [--repeats 1] [--noise 0.01] [--seed 0] [--gzip]
+        [--repeats 1] [--noise 0.01] [--seed 0] [--gzip] [--device h100|a100]
 
 Without ``--output-dir`` it writes into a new temporary directory and prints its path.
 Default: 9 datasets x 75 configurations x 6 samples = 4050 samples, in a few seconds.
@@ -54,12 +54,12 @@ log = logging.getLogger(__name__)
 #: What every file, sample and log of the sweep says about itself.
 SIMULATION_NOTE = (
     "SIMULATED data, not a measurement: benchmarks/precise_sweep.py, a roofline of MolmoE-1B "
-    "on an H100-like device (benchmarks/gpu_roofline.py) with multiplicative noise"
+    "on a simulated GPU (benchmarks/gpu_roofline.py) with multiplicative noise"
 )
 
 
 def _simulate_job(
-    job: Job, repeats: int, noise: float, seed: int
+    job: Job, device: gpu_roofline.Device, repeats: int, noise: float, seed: int
 ) -> tuple[list[SampleTiming], dict[str, list[float]]]:
     """Timings (ms) of one file's samples: the roofline times noise per stage and run."""
     rng = np.random.default_rng(
@@ -69,11 +69,11 @@ def _simulate_job(
     for spec in job.specs:
         vision_tokens = (spec.num_crops + 1) * gpu_roofline.MolmoE1B().tokens_per_crop
         prompt = vision_tokens + spec.text_tokens
-        vision = gpu_roofline.vision_us(spec.num_crops) / 1000.0
-        prefill = gpu_roofline.llm_prefill_us(prompt, job.top_k, job.blocks) / 1000.0
+        vision = gpu_roofline.vision_us(spec.num_crops, device) / 1000.0
+        prefill = gpu_roofline.llm_prefill_us(prompt, job.top_k, job.blocks, device) / 1000.0
         passes = spec.output_tokens - 1
         kv = prompt + np.arange(1, passes + 1)
-        pass_ms = gpu_roofline.decode_pass_us(job.top_k, job.blocks, kv) / 1000.0
+        pass_ms = gpu_roofline.decode_pass_us(job.top_k, job.blocks, kv, device) / 1000.0
         # Per run: one factor per stage (clocks, contention), then each decode pass's own jitter.
         stage = np.exp(noise * rng.standard_normal((3, repeats)))
         jitter = np.exp(noise * rng.standard_normal((passes, repeats)))
@@ -102,10 +102,13 @@ def write_precise_sweep(
     seed: int = 0,
     datasets: list[str] | None = None,
     gzip: bool = False,
+    device: str = "h100",
 ) -> dict[str, Any]:
     """Write the simulated sweep into ``output_dir``; returns its ``logs/run.json`` document."""
     if samples_per_config < 1 or repeats < 1:
         raise ValueError("samples_per_config and repeats must be at least 1")
+    if device not in gpu_roofline.DEVICES:
+        raise ValueError(f"device must be one of {', '.join(gpu_roofline.DEVICES)}, got {device!r}")
     if not 0.0 <= noise < 0.5:
         raise ValueError(f"noise must be a relative sigma in [0, 0.5), got {noise}")
     started = time.perf_counter()
@@ -123,10 +126,10 @@ def write_precise_sweep(
         progress=False,
     )
     plan, _ = plan_jobs(settings, out)
-    device, model = gpu_roofline.Device(), gpu_roofline.MolmoE1B()
+    gpu, model = gpu_roofline.DEVICES[device], gpu_roofline.MolmoE1B()
     simulation = {
         "note": SIMULATION_NOTE,
-        "device": asdict(device),
+        "device": asdict(gpu),
         "model": asdict(model),
         "noise_sigma_per_stage_and_run": noise,
         "noise_sigma_per_decode_pass": noise,
@@ -134,8 +137,8 @@ def write_precise_sweep(
     records: dict[str, dict[str, list[float]]] = {}
     n_samples = 0
     for job in plan:
-        timings, job_records = _simulate_job(job, repeats, noise, seed)
-        metadata = [{"simulated": True, "device": device.name}] * len(timings)
+        timings, job_records = _simulate_job(job, gpu, repeats, noise, seed)
+        metadata = [{"simulated": True, "device": gpu.name}] * len(timings)
         document = result_document(
             job.tier, job.top_k, job.blocks, model.num_blocks, timings, metadata
         )
@@ -165,6 +168,7 @@ def write_precise_sweep(
             "noise": noise,
             "seed": seed,
             "gzip": gzip,
+            "device": device,
         },
         "simulation": simulation,
         "files": {"planned": len(plan), "written": len(plan)},
@@ -185,6 +189,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", help="comma-separated (default: all nine)")
     parser.add_argument("--gzip", action="store_true")
+    parser.add_argument(
+        "--device", choices=sorted(gpu_roofline.DEVICES), default="h100", help="simulated GPU"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="latkit-precise-sweep-"))
@@ -196,6 +203,7 @@ def main() -> None:
         seed=args.seed,
         datasets=args.datasets.split(",") if args.datasets else None,
         gzip=args.gzip,
+        device=args.device,
     )
     print(
         f"SIMULATED sweep (not a measurement): {run_log['samples']} samples in "

@@ -5,7 +5,7 @@ ordinary ops (Gemm, MatMul, Cast, Gather, ReduceProd, Pow, Concat, Split and a f
 elementwise ops), so ONNX Runtime's CUDA provider and libtorch run it as well as the CPU.
 
 A batch-1 query costs ONNX Runtime about 0.35-0.4 µs per graph node on this project's CPUs,
-whatever the node computes, so the graph is laid out for few nodes (18 after ONNX Runtime's
+whatever the node computes, so the graph is laid out for few nodes (19 after ONNX Runtime's
 own Gemm + activation and Gemm + Transpose fusions, for the default one-layer network, with
 all nine outputs):
 
@@ -27,19 +27,23 @@ all nine outputs):
   baseline product on one axis: one ReduceProd yields the three products (and G - 3 junk
   products of other columns, finite numbers in [0, 1] that nothing reads);
 - one MatMul with the strides gives the table row, exact in float32 (integers below 2**24);
-  a Cast and a Gather read the residual factor, one Mul applies it to the products;
+  a Cast and a Gather read the residual factor, one Mul applies it to the products, and a
+  second Gather reads the cell's floor in ms (the prefill is ``max(floor, baseline x
+  residual factor)``, ``toolkit.models.prefill_table``);
 - the decode network's head (Gemm + Softplus) and the closed-form totals: ``relu(N * s - s)``
   gives ``s_j * m`` (m = N - 1 passes) per basis power, one ``Pow`` gives ``(s_j m)^(j+1)`` =
   coefficient scale x basis prefix sum, one Mul the terms ``coef_j (s_j m)^(j+1)``. A fourth
   token column ``relu(N - 2)`` makes the per-token denominator ``max(m, 1) = relu(N - 2) + 1``;
-- ONE output Gemm maps the concatenated products and decode terms to every output at once
-  (transposed: [18, B]): the calibration scale, the powers of two of the factor scaling and
-  every bound factor are in its weights, the calibration offsets in its bias. Its second
-  half holds what each output must be at least (a total bound is ``max(total_ms x g,
-  prefill_pXX_ms)``, ``toolkit.models.bounds``; -inf for the others): a Reshape to [2, 9B]
-  and one ReduceMax take the max of the halves, one Split (``num_outputs=9``) hands out the
-  rows, and one Div makes the per-token mean. A bound level with an infinite factor (too few
-  calibration samples) is the constant +inf: weight 0, bias +inf.
+- ONE output Gemm maps the concatenated products, floor and decode terms to every output at
+  once (transposed: [36, B]): the calibration scale, the powers of two of the factor scaling
+  and every bound factor are in its weights, the calibration offsets in its bias. Its four
+  quarters are the candidates each output is the max of: the output through the products,
+  through the floor (the prefill's max distributes over everything affine in it with a
+  positive factor), and for a total bound (``max(total_ms x g, prefill_pXX_ms)``,
+  ``toolkit.models.bounds``) the prefill bound through either; -inf where an output has
+  fewer. A Reshape to [4, 9B] and one ReduceMax take the max, one Split (``num_outputs=9``)
+  hands out the rows, and one Div makes the per-token mean. A bound level with an infinite
+  factor (too few calibration samples) is the constant +inf: weight 0, bias +inf.
 
 ONNX Runtime's MatMul with a 1-D right operand is several times slower than with an
 [N, 1] matrix (1.3 µs more at batch 1, 12x at batch 4096), hence ``[N, 1]``.
@@ -444,7 +448,7 @@ def first_layer(
 class OutputSpec:
     """How the outputs derive from baseline x residual factor and the decode terms.
 
-    ``prefill_ms = prefill_scale * baseline * residual + prefill_offset_ms``;
+    ``prefill_ms = prefill_scale * max(floor, baseline * residual) + prefill_offset_ms``;
     ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``, ``total_pXX_ms = max(total_ms *
     total_bounds[pXX], prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf:
     that bound is +inf).
@@ -466,52 +470,63 @@ class OutputSpec:
             raise LatkitError("prefill calibration must have a positive scale, finite offset")
 
 
+#: Quarters of the output Gemm (see the module doc): each output is the max of its rows in them.
+_QUARTERS = 4
+
+
 def output_gemm(
     layer: FirstLayer, spec: OutputSpec, decode_weights: np.ndarray, denominator: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(weight [18, G + C], bias [18, 1]) of the output Gemm; its input is
-    ``[products x residual (G), decode columns (C)]``.
+    """(weight [36, G + 1 + C], bias [36, 1]) of the output Gemm; its input is
+    ``[products x residual (G), floor (1), decode columns (C)]``.
 
-    Rows 0-8 are the outputs in ``GEMM_ROWS`` order, the total bounds as ``total_ms x g``;
-    rows 9-17 what each must be at least: the prefill bound of the same level for a total
-    bound (``total_pXX = max(total_ms x g, prefill_pXX)``, ``toolkit.models.bounds``), -inf
-    (weight 0, bias -inf) for every other output. The graph takes the elementwise max of
-    the two halves.
+    The prefill is ``max(A, F)`` with ``A`` the products' sum and ``F`` the floor, so every
+    output affine in it with a positive factor is the max of that output through ``A`` and
+    through ``F``. Quarter 0 holds each output through ``A``, quarter 1 through ``F``, and for
+    a total bound (``total_pXX = max(total_ms x g, prefill_pXX)``, ``toolkit.models.bounds``)
+    quarters 2 and 3 hold the prefill bound of the same level through ``A`` and ``F``; an
+    output with fewer candidates has -inf (weight 0, bias -inf) in the others. The graph takes
+    the elementwise max of the quarters.
     """
     groups, n_decode = layer.groups, len(decode_weights)
-    prefill_w = np.zeros(groups + n_decode)
-    prefill_w[:_PRODUCTS] = spec.prefill_scale * layer.compensation
-    decode_w = np.concatenate([np.zeros(groups), decode_weights])
-    total_w = prefill_w + decode_w
-    offset = spec.prefill_offset_ms
-    rows: dict[str, tuple[np.ndarray, float]] = {
-        "prefill_ms": (prefill_w, offset),
-        "decode_total_ms": (decode_w, 0.0),
-        "per_token_denominator": (np.concatenate([np.zeros(groups), denominator]), 1.0),
-        "total_ms": (total_w, offset),
+    width = groups + 1 + n_decode
+
+    def column(products: float = 0.0, floor: float = 0.0) -> np.ndarray:
+        weights = np.zeros(width)
+        weights[:_PRODUCTS] = products * layer.compensation
+        weights[groups] = floor
+        return weights
+
+    scale, offset = spec.prefill_scale, spec.prefill_offset_ms
+    decode = np.concatenate([np.zeros(groups + 1), decode_weights])
+    # The prefill through the products (A) and through the floor (F); the total adds decode.
+    prefill = {"A": (column(products=scale), offset), "F": (column(floor=scale), offset)}
+    total = {path: (w + decode, b) for path, (w, b) in prefill.items()}
+    unused = (np.zeros(width), -math.inf)
+    rows: dict[str, list[tuple[np.ndarray, float]]] = {
+        "prefill_ms": [prefill["A"], prefill["F"]],
+        "decode_total_ms": [(decode, 0.0)],
+        "per_token_denominator": [(np.concatenate([np.zeros(groups + 1), denominator]), 1.0)],
+        "total_ms": [total["A"], total["F"]],
     }
     for kind, base, factors in (
-        ("prefill", (prefill_w, offset), spec.prefill_bounds),
-        ("total", (total_w, offset), spec.total_bounds),
+        ("prefill", prefill, spec.prefill_bounds),
+        ("total", total, spec.total_bounds),
     ):
         for level, factor in factors.items():
             if math.isinf(factor):  # unbounded level: the constant +inf
-                rows[f"{kind}_{level}_ms"] = (np.zeros_like(base[0]), math.inf)
+                rows[f"{kind}_{level}_ms"] = [(np.zeros(width), math.inf)]
             else:
-                rows[f"{kind}_{level}_ms"] = (base[0] * factor, base[1] * factor)
-    floors: dict[str, tuple[np.ndarray, float]] = {
-        name: rows[f"prefill_{name[len('total_') :]}"]
-        if name.startswith("total_p")
-        else (np.zeros_like(prefill_w), -math.inf)
-        for name in GEMM_ROWS
-    }
-    weight = np.stack(
-        [rows[name][0] for name in GEMM_ROWS] + [floors[name][0] for name in GEMM_ROWS]
-    ).astype(np.float32)
-    bias = np.array(
-        [[rows[name][1]] for name in GEMM_ROWS] + [[floors[name][1]] for name in GEMM_ROWS],
-        dtype=np.float32,
-    )
+                rows[f"{kind}_{level}_ms"] = [(w * factor, b * factor) for w, b in base.values()]
+    for name in GEMM_ROWS:
+        if name.startswith("total_p") and not math.isinf(rows[name][0][1]):
+            rows[name] += rows[f"prefill_{name[len('total_') :]}"]
+    quarters = [
+        [rows[name][q] if q < len(rows[name]) else unused for name in GEMM_ROWS]
+        for q in range(_QUARTERS)
+    ]
+    weight = np.stack([w for quarter in quarters for w, _ in quarter]).astype(np.float32)
+    bias = np.array([[b] for quarter in quarters for _, b in quarter], dtype=np.float32)
     return weight, bias
 
 
@@ -527,6 +542,7 @@ class FusedPredictor(torch.nn.Module):
         first_bias: Tensor
         strides: Tensor
         table: Tensor
+        floor: Tensor
         out_weight: Tensor
         out_bias: Tensor
         prefill_weight: Tensor
@@ -560,14 +576,16 @@ class FusedPredictor(torch.nn.Module):
         # [3G, 1], not [3G]: see the module doc.
         self.register_buffer("strides", torch.from_numpy(layer.strides.reshape(-1, 1).copy()))
         self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table.table)))
-        self.register_buffer("out_weight", torch.from_numpy(weight))  # [18, G + C]
-        self.register_buffer("out_bias", torch.from_numpy(bias))  # [18, 1]
-        # For the budget graph: the prefill row alone; per searched bound (mean, p90, p95) the
-        # total's factor g and the prefill bound's factor f (total bound: max((P + D) g, P f);
-        # the mean's floor 0 never binds a budget >= 0).
-        self.register_buffer(
-            "prefill_weight", torch.from_numpy(weight[0, : layer.groups].reshape(-1, 1).copy())
-        )
+        self.register_buffer("floor", torch.from_numpy(np.ascontiguousarray(table.floor)))
+        self.register_buffer("out_weight", torch.from_numpy(weight))  # [36, G + 1 + C]
+        self.register_buffer("out_bias", torch.from_numpy(bias))  # [36, 1]
+        # For the budget graph: the prefill rows through the products and through the floor
+        # ([G + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's factor
+        # g and the prefill bound's factor f (total bound: max((P + D) g, P f); the mean's
+        # floor 0 never binds a budget >= 0).
+        rows = len(GEMM_ROWS)
+        prefill_rows = weight[[0, rows], : layer.groups + 1].T.copy()
+        self.register_buffer("prefill_weight", torch.from_numpy(prefill_rows))
         self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
         levels = ("p90", "p95")
         total_factors = [1.0, *(spec.total_bounds[k] for k in levels)]
@@ -576,30 +594,37 @@ class FusedPredictor(torch.nn.Module):
         self.register_buffer("floor_factors", torch.tensor(floor_factors, dtype=torch.float32))
         self.decode = module
 
-    def front(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(shared first-layer activations [B, 3G], baseline products x residual [B, G])."""
+    def _prefill_parts(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], baseline products x residual factor
+        [B, G], the cell's floor in ms [B, 1])."""
         # hardtanh(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
         first = torch.nn.functional.hardtanh(
             torch.addmm(self.first_bias, features, self.first_weight), 0.0, 1.0
         )
         index = torch.matmul(first, self.strides).to(torch.int64)  # [B, 1]
         products = first.reshape(-1, 3, self.groups).prod(1)
-        return first, products * self.table[index]
+        return first, products * self.table[index], self.floor[index]
+
+    def front(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], [products x residual, floor] [B, G + 1])."""
+        first, weighted, floor = self._prefill_parts(features)
+        return first, torch.cat([weighted, floor], 1)
 
     def prefill(self, weighted: Tensor) -> Tensor:
-        """Calibrated prefill ms [B] of :meth:`front`'s products (the budget graph's)."""
-        return torch.matmul(weighted, self.prefill_weight).reshape(-1) + self.prefill_offset
+        """Calibrated prefill ms [B] of :meth:`front`'s columns (the budget graph's)."""
+        both = torch.matmul(weighted, self.prefill_weight)  # [B, 2]: products, floor
+        return both.amax(1) + self.prefill_offset
 
     def forward(
         self, features: Tensor, output_tokens: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        first, weighted = self.front(features)
+        first, weighted, floor = self._prefill_parts(features)
         columns = self.decode.columns(first, features, output_tokens)
-        stacked = torch.cat([weighted] + columns, 1)  # noqa: RUF005 (TorchScript has no *list)
-        # [18, B] -> max of the two halves -> [9, B]: each output one contiguous row (the
+        stacked = torch.cat([weighted, floor] + columns, 1)  # noqa: RUF005 (TorchScript: no *list)
+        # [36, B] -> max of the four quarters -> [9, B]: each output one contiguous row (the
         # reshapes and unbind export as Reshape, ReduceMax, Reshape + one Split).
-        both = torch.addmm(self.out_bias, self.out_weight, stacked.t())
-        rows = both.reshape(2, -1).amax(0).reshape(9, -1).unbind(0)
+        quarters = torch.addmm(self.out_bias, self.out_weight, stacked.t())
+        rows = quarters.reshape(4, -1).amax(0).reshape(9, -1).unbind(0)
         return (
             rows[0],
             rows[1],
