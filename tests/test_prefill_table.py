@@ -11,7 +11,7 @@ import pytest
 from toolkit.features import FEATURE_NAMES
 from toolkit.models.physics import PhysicsBaseline
 from toolkit.models.prefill import CAPACITY_CANDIDATES, PrefillModel, capacity_summary
-from toolkit.models.prefill_table import _interpolate_knobs, tree_grid
+from toolkit.models.prefill_table import TableGrid, _knob_residual, tree_grid
 
 FAST = {"n_estimators": 300, "early_stopping_rounds": 20}
 
@@ -94,7 +94,8 @@ def test_monotone_trees_predict_exactly_latkit_0_3(stairs) -> None:
 
 def test_residual_interpolated_between_profiled_knob_values() -> None:
     """top_k 4 and 8 profiled: 5-7 get the linear interpolation of their residuals; beyond 8
-    the last interval's slope for one interval, then held; never below flat."""
+    the last interval's slope for one interval, then held; never below flat; each mode on
+    its own."""
     corners = [np.array([0.0]), np.array([0.0]), np.array([0.0]), np.arange(1.0, 15.0)]
     corners.append(np.array([1.0]))
     k = corners[3]
@@ -102,19 +103,26 @@ def test_residual_interpolated_between_profiled_knob_values() -> None:
     residual[0, 0, 0, k == 4.0] = 0.10
     residual[0, 0, 0, k == 8.0] = 0.02
     log_baseline = np.zeros_like(residual)
-    out = _interpolate_knobs(residual, log_baseline, corners, {"top_k": (4.0, 8.0)})[0, 0, 0, :, 0]
+    grid = TableGrid((), {"top_k": (4.0, 8.0)}, interpolate=True, extrapolate=True)
+    out = _knob_residual(residual, log_baseline, corners, grid)[0, 0, 0, :, 0]
     np.testing.assert_allclose(out[k == 6.0], 0.06)
     np.testing.assert_allclose(out[k == 5.0], 0.08)
     # Beyond 8: slope -0.02 per top_k for one interval (to 12), never below flat (= 0.02 when
     # the baseline does not grow), then held.
     np.testing.assert_allclose(out[k >= 9.0], 0.02)
     growing = np.log(k).reshape(1, 1, 1, -1, 1)
-    out = _interpolate_knobs(residual, growing, corners, {"top_k": (4.0, 8.0)})[0, 0, 0, :, 0]
+    out = _knob_residual(residual, growing, corners, grid)[0, 0, 0, :, 0]
     flat = 0.02 - (np.log(k) - np.log(8.0))
     np.testing.assert_allclose(out[k == 10.0], max(0.02 - 0.04, flat[k == 10.0][0]))
     np.testing.assert_allclose(out[k == 14.0], max(0.02 - 0.08, flat[k == 14.0][0]))
     # Below the smallest profiled value: the trees' own residual.
     assert out[k == 2.0] == 0.0
+    only_between = _knob_residual(residual, growing, corners, grid.with_modes(interpolate=True))
+    np.testing.assert_allclose(only_between[0, 0, 0, k == 6.0, 0], 0.06)
+    assert (only_between[0, 0, 0, k > 8.0, 0] == 0.0).all()
+    only_beyond = _knob_residual(residual, growing, corners, grid.with_modes(extrapolate=True))
+    assert only_beyond[0, 0, 0, k == 6.0, 0] == 0.0
+    np.testing.assert_allclose(only_beyond[0, 0, 0, k == 10.0, 0], out[k == 10.0])
 
 
 def test_capacity_search_chooses_free_trees_on_precise_stairs(stairs) -> None:
@@ -124,13 +132,15 @@ def test_capacity_search_chooses_free_trees_on_precise_stairs(stairs) -> None:
     assert capacity["searched"] and capacity["chosen"]["monotone_constraints"] is False
     assert len(capacity["candidates"]) == len(CAPACITY_CANDIDATES)
     for candidate in capacity["candidates"]:
-        assert set(candidate["validation_mape_pct"]) == {"sample", "config"}
-    held_out = capacity["validation"]["config"]["held_out"]
-    assert held_out == {"top_k": 10.0, "num_active_blocks": 14.0}
+        assert set(candidate["validation_mape_pct"]) == {"sample", "config", "extrap"}
+    validation = capacity["validation"]
+    assert validation["config"]["held_out"] == {"top_k": 10.0, "num_active_blocks": 14.0}
+    assert validation["extrap"]["held_out"] == {"top_k": 12.0, "num_active_blocks": 16.0}
     best = min(c["score"] for c in capacity["candidates"])
     assert capacity["chosen_scores"] == next(
         c["validation_mape_pct"] for c in capacity["candidates"] if c["score"] == best
     )
+    assert {type(capacity["chosen"][m]) for m in ("interpolate", "extrapolate")} == {bool}
     text = capacity_summary(capacity)
     assert text.startswith("prefill trees: free, depth") and "held-out configurations" in text
     # Constrained trees cap the error on stairs; the choice is measurably better.
@@ -148,7 +158,8 @@ def test_loading_without_a_table_spec_uses_the_trees_grid(stairs, tmp_path) -> N
     assert loaded.grid is not None
     sizes = [len(t) for t in tree_grid(model.booster).thresholds]
     assert [len(t) for t in loaded.grid.thresholds] == sizes
-    np.testing.assert_array_equal(loaded.predict(vx), model.predict(vx))
+    # The same monotone trees on a coarser grid: equal up to the float32 of the table.
+    np.testing.assert_allclose(loaded.predict(vx), model.predict(vx), rtol=2e-7)
     again = PrefillModel.load(
         tmp_path, model.get_params(), model.baseline.to_dict(), fitted=model.fitted_state()
     )

@@ -19,16 +19,21 @@ the monotone table (``toolkit.models.prefill_table``) of ``baseline(x) x exp(tre
   interpolation; kept for ``evaluate --baselines`` as ``trees_only``).
 
 **Capacity chosen by the data** (``capacity_search=True``, the default): the trees' depth,
-monotone constraints and regularisation are picked among ``CAPACITY_CANDIDATES`` (rounds by
-early stopping) on data the trees are not fitted on: the validation split (held-out samples of
-profiled configurations) and a configuration-held-out fold (every configuration with the
-second-largest profiled top_k or block count is removed from the training rows and predicted,
-as a never-profiled configuration would be). The candidate with the lowest mean MAPE over the
-two wins; the choice and every candidate's scores are kept in ``capacity`` (the manifest).
-Why: precise (GPU-like, ~1 % noise) sweeps need free, deep-enough trees (constraints cap them
-at 1.4-2.6x the free error), while on noisy CPU sweeps deeper free trees fit the noise. Above
-``SEARCH_MAX_ROWS`` training rows the search runs on a seeded subsample and the chosen
-candidate is refitted on all rows.
+monotone constraints and regularisation (``CAPACITY_CANDIDATES``; rounds by early stopping)
+and the table's knob modes (``prefill_table``: interpolate the residual between profiled
+knob values, extrapolate it beyond them) are chosen on data the trees are not fitted on: the
+validation split (held-out samples of profiled configurations) and two configuration-held-out
+folds (every configuration with the second-largest, resp. the largest, profiled top_k or
+block count is removed from the training rows and predicted, as a never-profiled
+configuration would be; they judge interpolation, resp. extrapolation). The candidate with the
+lowest mean MAPE over the folds wins, and a knob mode is on where it wins its fold, but
+either must beat the default (latkit 0.3's trees, modes off) by ``SIGNIFICANCE`` standard
+errors of the paired difference: on noisy CPU sweeps the validation scores of similar
+candidates differ by noise, and picking noise costs accuracy. The choice and every
+candidate's scores are kept in ``capacity`` (the manifest). Why a search: precise (GPU-like,
+~1 % noise) sweeps need free trees (constraints cap them at 1.4-2.6x the free error), while
+on noisy CPU sweeps free, deeper trees fit the noise. Above ``SEARCH_MAX_ROWS`` training rows
+the search runs on a seeded subsample and the chosen candidate is refitted on all rows.
 
 Design choices kept from latkit 0.2, each for a reason:
 - ``max_bin <= 128`` and only the five features: the exporter compiles the table, whose cells
@@ -45,6 +50,7 @@ Design choices kept from latkit 0.2, each for a reason:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
@@ -73,9 +79,11 @@ CAPACITY_CANDIDATES: Final[tuple[dict[str, Any], ...]] = (
     {"monotone_constraints": True, "max_depth": 3, "min_child_weight": 1.0},
     {"monotone_constraints": False, "max_depth": 3, "min_child_weight": 1.0},
     {"monotone_constraints": False, "max_depth": 6, "min_child_weight": 1.0},
-    {"monotone_constraints": False, "max_depth": 8, "min_child_weight": 1.0},
     {"monotone_constraints": False, "max_depth": 6, "min_child_weight": 20.0},
 )
+#: Standard errors (of the paired difference in absolute relative error on the validation
+#: rows) by which a candidate or a knob mode must beat the default to be chosen.
+SIGNIFICANCE: Final[float] = 2.0
 #: Rows the capacity search fits on at most (a seeded subsample above; the chosen candidate
 #: is then refitted on every row).
 SEARCH_MAX_ROWS: Final[int] = 20_000
@@ -178,10 +186,6 @@ class PrefillModel:
     def _searching(self) -> bool:
         return self.capacity_search and self.structure == "physics"
 
-    @property
-    def _interpolating(self) -> bool:
-        return self.knob_interpolation and self.structure == "physics"
-
     def _own_settings(self) -> dict[str, Any]:
         return {
             "monotone_constraints": self.monotone_constraints,
@@ -244,17 +248,20 @@ class PrefillModel:
                 vx, vy = x, y
         self.baseline = self._fit_baseline(x, y)
         self.base_score = float(np.median(self._residual(self.baseline, x, y)))
+        physics = self.structure == "physics"
         settings = self._own_settings()
+        modes = {"interpolate": self.knob_interpolation and physics}
+        modes["extrapolate"] = modes["interpolate"]
         booster = None
         if self._searching:
-            settings, booster = self._search(x, y, vx, vy)
+            settings, modes, booster = self._search(x, y, vx, vy)
         else:
-            self.capacity = {"searched": False, "chosen": settings}
+            self.capacity = {"searched": False, "chosen": {**settings, **modes}}
         if booster is None:
             booster = self._train(settings, self.baseline, x, y, vx, vy)
         self.booster = booster
         self.best_iteration = self.booster.num_boosted_rounds() - 1
-        self.grid = table_grid(self.booster, x, self._interpolating)
+        self.grid = table_grid(self.booster, x, refine=physics).with_modes(**modes)
         self.table = build_table(self.booster, self.baseline, self.grid, self.max_cells)
         return self
 
@@ -303,24 +310,20 @@ class PrefillModel:
         booster.set_param({"device": "cpu"})
         return booster
 
-    def _score(
-        self,
-        booster: xgb.Booster,
-        baseline: PhysicsBaseline,
-        fitted_on: np.ndarray,
-        x: np.ndarray,
-        y: np.ndarray,
-    ) -> float:
-        """MAPE of the table of ``booster`` (as ``fit`` would build it) on (x, y)."""
-        grid = table_grid(booster, fitted_on, self._interpolating)
-        table = build_table(booster, baseline, grid, self.max_cells)
-        return _mape_pct(y, table.predict(x, baseline.predict(x)))
-
     def _search(
         self, x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray
-    ) -> tuple[dict[str, Any], xgb.Booster | None]:
-        """(chosen settings, its booster fitted on all of x, or None when it must be refitted
-        because the search ran on a subsample); fills ``self.capacity``."""
+    ) -> tuple[dict[str, Any], dict[str, bool], xgb.Booster | None]:
+        """(chosen settings, knob modes, the chosen booster fitted on all of x, or None when
+        it must be refitted because the search ran on a subsample); fills ``capacity``.
+
+        Folds: ``sample`` (the validation rows), ``config`` (configurations with an interior
+        knob value held out: judges the trees and interpolation) and ``extrap`` (the largest
+        knob values held out: judges extrapolation). Every candidate is scored by its mean
+        MAPE over the folds, with its knob modes switched on only where they win on their
+        fold. A choice other than the first (latkit 0.3's trees, modes off) must win by
+        ``SIGNIFICANCE`` standard errors of the paired difference: on noisy data the search
+        otherwise picks noise.
+        """
         rng = np.random.default_rng([self.seed, 17])
         sx, sy, svx, svy = x, y, vx, vy
         subsampled = x.shape[0] > SEARCH_MAX_ROWS
@@ -329,48 +332,79 @@ class PrefillModel:
             sx, sy = x[pick], y[pick]
             vpick = rng.choice(vx.shape[0], min(vx.shape[0], SEARCH_MAX_ROWS // 4), replace=False)
             svx, svy = vx[vpick], vy[vpick]
-        # The configuration-held-out fold: its own baseline and trees never see those
-        # configurations (early stopping neither).
-        fold = config_fold(sx)
-        held = _held_rows(sx, fold) if fold else np.zeros(len(sx), dtype=bool)
-        vheld = _held_rows(svx, fold) if fold else np.zeros(len(svx), dtype=bool)
-        use_fold = bool(held.any() and (~held).sum() >= 2 and (~vheld).any())
-        fx, fy = sx[~held], sy[~held]
-        fold_baseline = self._fit_baseline(fx, fy) if use_fold else self.baseline
+        folds = {
+            name: fold
+            for name, fold in (("config", knob_fold(sx, -2)), ("extrap", knob_fold(sx, -1)))
+            if fold is not None and fold.usable(sx, svx)
+        }
+        baselines = {name: self._fit_baseline(*fold.kept(sx, sy)) for name, fold in folds.items()}
         results: list[dict[str, Any]] = []
-        totals: list[float] = []
+        errors: list[dict[str, np.ndarray]] = []
         boosters = []
         for settings in CAPACITY_CANDIDATES:
             booster = self._train(settings, self.baseline, sx, sy, svx, svy)
-            scores = {"sample": self._score(booster, self.baseline, sx, svx, svy)}
-            if use_fold:
-                held_booster = self._train(
-                    settings, fold_baseline, fx, fy, svx[~vheld], svy[~vheld]
-                )
-                scores["config"] = self._score(held_booster, fold_baseline, fx, sx[held], sy[held])
-            totals.append(float(np.mean(list(scores.values()))))
+            ape = {"sample": self._errors(booster, self.baseline, sx, svx, svy, {})}
+            modes = {"interpolate": False, "extrapolate": False}
+            for name, fold in folds.items():
+                fx, fy = fold.kept(sx, sy)
+                fvx, fvy = fold.kept(svx, svy)
+                hx, hy = fold.held(sx, sy)
+                held_booster = self._train(settings, baselines[name], fx, fy, fvx, fvy)
+                mode = "interpolate" if name == "config" else "extrapolate"
+                off = self._errors(held_booster, baselines[name], fx, hx, hy, {})
+                on = self._errors(held_booster, baselines[name], fx, hx, hy, {mode: True})
+                modes[mode] = bool(self.knob_interpolation and _wins(on, off))
+                ape[name] = on if modes[mode] else off
+            errors.append(ape)
             results.append(
                 {
                     "settings": dict(settings),
+                    "knob_modes": modes,
                     "rounds": booster.num_boosted_rounds(),
-                    "validation_mape_pct": scores,
-                    "score": totals[-1],
+                    "validation_mape_pct": {k: float(100 * v.mean()) for k, v in ape.items()},
+                    "score": float(np.mean([100 * v.mean() for v in ape.values()])),
                 }
             )
             boosters.append(booster)
-        best = int(np.argmin(totals))
+        best = int(np.argmin([r["score"] for r in results]))
+        if best != 0 and not _wins(errors[best], errors[0]):
+            best = 0
+        chosen = results[best]
         self.capacity = {
             "searched": True,
-            "chosen": dict(CAPACITY_CANDIDATES[best]),
-            "chosen_scores": results[best]["validation_mape_pct"],
+            "chosen": {**chosen["settings"], **chosen["knob_modes"]},
+            "chosen_scores": chosen["validation_mape_pct"],
             "validation": {
                 "sample": {"rows": int(svx.shape[0])},
-                "config": {"held_out": fold, "rows": int(held.sum())} if use_fold else None,
+                **{
+                    name: {"held_out": fold.values, "rows": int(fold.held_rows(sx).sum())}
+                    for name, fold in folds.items()
+                },
                 "search_rows": int(sx.shape[0]),
+                "significance_se": SIGNIFICANCE,
             },
             "candidates": results,
         }
-        return dict(CAPACITY_CANDIDATES[best]), (None if subsampled else boosters[best])
+        return (
+            dict(chosen["settings"]),
+            dict(chosen["knob_modes"]),
+            None if subsampled else boosters[best],
+        )
+
+    def _errors(
+        self,
+        booster: xgb.Booster,
+        baseline: PhysicsBaseline,
+        fitted_on: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        modes: dict[str, bool],
+    ) -> np.ndarray:
+        """Absolute relative errors of the table of ``booster`` (as ``fit`` would build it,
+        with knob ``modes``) on (x, y)."""
+        grid = table_grid(booster, fitted_on).with_modes(**modes)
+        table = build_table(booster, baseline, grid, self.max_cells)
+        return np.asarray(np.abs(table.predict(x, baseline.predict(x)) - y) / y)
 
     # -- predict ------------------------------------------------------------------------
     def residual_factor(self, features: np.ndarray) -> np.ndarray:
@@ -432,7 +466,7 @@ class PrefillModel:
 
 def capacity_summary(capacity: dict[str, Any]) -> str:
     """One line on the trees' capacity: what was chosen and, when searched, its validation
-    MAPE on held-out samples and on held-out configurations."""
+    MAPE on held-out samples and held-out configurations."""
     chosen = capacity.get("chosen") or {}
     if not chosen:
         return "prefill trees: n/a"
@@ -440,33 +474,68 @@ def capacity_summary(capacity: dict[str, Any]) -> str:
     text = f"prefill trees: {kind}, depth {chosen.get('max_depth')}"
     if chosen.get("min_child_weight", 1.0) != 1.0:
         text += f", min_child_weight {chosen['min_child_weight']:g}"
+    modes = [mode for mode in ("interpolate", "extrapolate") if chosen.get(mode)]
+    text += f", knob residual {' + '.join(modes) if modes else 'as the trees give it'}"
     if not capacity.get("searched"):
         return text + " (as configured)"
+    labels = {
+        "sample": "held-out samples",
+        "config": "held-out configurations",
+        "extrap": "held-out largest knob values",
+    }
     scores = capacity.get("chosen_scores", {})
-    parts = [f"{scores['sample']:.2f} % on held-out samples"] if "sample" in scores else []
-    if "config" in scores:
-        parts.append(f"{scores['config']:.2f} % on held-out configurations")
+    parts = [f"{scores[k]:.2f} % on {label}" for k, label in labels.items() if k in scores]
     n = len(capacity.get("candidates", []))
     return text + f" (chosen of {n} on validation MAPE: " + ", ".join(parts) + ")"
 
 
-def config_fold(features: np.ndarray) -> dict[str, float] | None:
-    """The configuration-held-out fold of the capacity search: per knob with at least three
-    profiled values, the second-largest (an interior value, as ``latkit``'s "config" knob
-    split holds out); None when no knob has three."""
-    held = {}
+@dataclass(frozen=True)
+class KnobFold:
+    """Configurations held out by knob value: a row is held when any of its knobs takes the
+    value given for it."""
+
+    values: dict[str, float]
+
+    def held_rows(self, features: np.ndarray) -> np.ndarray:
+        held = np.zeros(features.shape[0], dtype=bool)
+        for name, value in self.values.items():
+            held |= features[:, FEATURE_NAMES.index(name)] == value
+        return held
+
+    def kept(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = ~self.held_rows(x)
+        return x[keep], y[keep]
+
+    def held(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        held = self.held_rows(x)
+        return x[held], y[held]
+
+    def usable(self, x: np.ndarray, vx: np.ndarray) -> bool:
+        held = self.held_rows(x)
+        return bool(held.any() and (~held).sum() >= 2 and (~self.held_rows(vx)).any())
+
+
+def knob_fold(features: np.ndarray, rank: int) -> KnobFold | None:
+    """Per knob with at least three profiled values, the one at ``rank`` in sorted order
+    (-2: the second-largest, an interior value, as the "config" knob split holds out; -1:
+    the largest, as "extrap" does); None when no knob has three."""
+    values = {}
     for name in KNOB_FEATURES:
-        values = np.unique(features[:, FEATURE_NAMES.index(name)])
-        if len(values) >= 3:
-            held[name] = float(values[-2])
-    return held or None
+        profiled = np.unique(features[:, FEATURE_NAMES.index(name)])
+        if len(profiled) >= 3:
+            values[name] = float(profiled[rank])
+    return KnobFold(values) if values else None
 
 
-def _held_rows(features: np.ndarray, fold: dict[str, float]) -> np.ndarray:
-    held = np.zeros(features.shape[0], dtype=bool)
-    for name, value in fold.items():
-        held |= features[:, FEATURE_NAMES.index(name)] == value
-    return held
+def _wins(errors: np.ndarray | dict[str, np.ndarray], reference: Any) -> bool:
+    """Whether ``errors`` beat ``reference`` (per fold, paired rows) by more than
+    ``SIGNIFICANCE`` standard errors of the mean difference (the mean over folds)."""
+    mine = errors if isinstance(errors, dict) else {"": errors}
+    theirs = reference if isinstance(reference, dict) else {"": reference}
+    gains = [theirs[k] - mine[k] for k in mine]
+    gain = float(np.mean([g.mean() for g in gains]))
+    variance = sum(float(g.var(ddof=1)) / len(g) for g in gains if len(g) > 1)
+    return bool(gain > SIGNIFICANCE * np.sqrt(variance) / len(gains))
 
 
 def _load_booster(path: Path) -> xgb.Booster:

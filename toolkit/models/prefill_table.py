@@ -29,11 +29,12 @@ The grid: every split threshold of the trees (so each cell lies in one leaf of e
 the residual is exact), plus lower corners where the free model must be read off: every
 profiled vision-token count, and every integer top_k / block count from the smallest profiled
 value to the supported maximum (``toolkit.features.supported_range``), vision tokens beyond
-the profiled ones at their typical spacing. On integer knob values nobody profiled, the
-residual is interpolated linearly between the profiled neighbours (the trees would give the
-lower neighbour's) and, beyond the largest, continued along the last profiled interval for one
-interval (then held), never below flat: the baseline carries the knobs, the residual its
-correction.
+the profiled ones at their typical spacing. The baseline carries the knobs, the residual its
+correction; on integer knob values nobody profiled the trees would give the residual of the
+lower profiled neighbour, and two options (``KnobModes``, chosen on validation data by the
+prefill model) change that: ``interpolate`` (linear between the profiled neighbours) and
+``extrapolate`` (beyond the largest, along the last profiled interval for one interval, then
+held, never below flat).
 
 The table is filled from the trees evaluated once per tree cell (one booster call on the trees'
 own grid); the exported predictor gathers the very same float32 arrays.
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -116,9 +117,16 @@ class TableGrid:
 
     thresholds: tuple[np.ndarray, ...]
     profiled: dict[str, tuple[float, ...]]
-    interpolate: bool
+    #: Residual on unprofiled knob values: linear between profiled neighbours (else the lower
+    #: neighbour's, as the trees give it) ...
+    interpolate: bool = False
+    #: ... and beyond the largest, the last interval's slope for one interval (else held).
+    extrapolate: bool = False
     #: The trees' own thresholds when known (saves reading the trees again; not saved).
     tree: tuple[np.ndarray, ...] | None = None
+
+    def with_modes(self, interpolate: bool = False, extrapolate: bool = False) -> TableGrid:
+        return replace(self, interpolate=interpolate, extrapolate=extrapolate)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +136,7 @@ class TableGrid:
             },
             "profiled": {name: list(values) for name, values in self.profiled.items()},
             "interpolate": self.interpolate,
+            "extrapolate": self.extrapolate,
         }
 
     @classmethod
@@ -142,7 +151,12 @@ class TableGrid:
             name: tuple(float(v) for v in data.get("profiled", {}).get(name, []))
             for name in KNOB_FEATURES
         }
-        return cls(thresholds, profiled, bool(data.get("interpolate", False)))
+        return cls(
+            thresholds,
+            profiled,
+            bool(data.get("interpolate", False)),
+            bool(data.get("extrapolate", False)),
+        )
 
 
 # -- the trees' own grid ----------------------------------------------------------------------
@@ -226,13 +240,13 @@ def tree_grid(booster: xgb.Booster) -> TableGrid:
     """The trees' own grid: no refinement, no interpolation. For monotone trees the table
     then predicts exactly ``baseline x exp(trees)`` (latkit 0.3's model)."""
     tree = split_thresholds([booster])
-    return TableGrid(tree, {}, False, tree)
+    return TableGrid(tree, {}, tree=tree)
 
 
-def table_grid(booster: xgb.Booster, features: np.ndarray, interpolate: bool) -> TableGrid:
-    """The cells of the table of ``booster`` fitted on ``features`` (see the module doc);
-    without ``interpolate``, the trees' own grid."""
-    if not interpolate:
+def table_grid(booster: xgb.Booster, features: np.ndarray, refine: bool = True) -> TableGrid:
+    """The cells of the table of ``booster`` fitted on ``features`` (see the module doc),
+    knob modes off; without ``refine``, the trees' own grid."""
+    if not refine:
         return tree_grid(booster)
     x = np.asarray(features, dtype=np.float32)
     tree = split_thresholds([booster])
@@ -254,7 +268,7 @@ def table_grid(booster: xgb.Booster, features: np.ndarray, interpolate: bool) ->
         integers = np.arange(np.ceil(knob_values[0]), np.floor(top) + 1)
         points = np.concatenate([integers, knob_values]).astype(np.float32)
         cuts[f] = np.union1d(cuts[f], points)
-    return TableGrid(tuple(c.astype(np.float32) for c in cuts), profiled, True, tree)
+    return TableGrid(tuple(c.astype(np.float32) for c in cuts), profiled, tree=tree)
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -280,8 +294,8 @@ def build_table(
         for name, t in zip(FEATURE_NAMES, grid.thresholds, strict=True)
     ]
     log_baseline = np.log(baseline.predict_grid(corners))
-    if grid.interpolate:
-        residual = _interpolate_knobs(residual, log_baseline, corners, grid.profiled)
+    if grid.interpolate or grid.extrapolate:
+        residual = _knob_residual(residual, log_baseline, corners, grid)
     log_floor = log_baseline + residual
     log_floor = 0.5 * (_majorant(log_floor) + _minorant(log_floor))
     factor = np.exp(_minorant(residual)).astype(np.float32).ravel()
@@ -307,42 +321,40 @@ def _residual_on_grid(
     return np.asarray(margin[np.ix_(*index)])
 
 
-def _interpolate_knobs(
-    residual: np.ndarray,
-    log_baseline: np.ndarray,
-    corners: list[np.ndarray],
-    profiled: dict[str, tuple[float, ...]],
+def _knob_residual(
+    residual: np.ndarray, log_baseline: np.ndarray, corners: list[np.ndarray], grid: TableGrid
 ) -> np.ndarray:
-    """Residual on unprofiled integer knob values: linear between the profiled neighbours;
-    beyond the largest, the last interval's slope for one interval, then held, and never so
-    low that the free model would fall below its value at the largest profiled value."""
+    """Residual on unprofiled integer knob values (``grid.interpolate``: linear between the
+    profiled neighbours; ``grid.extrapolate``: beyond the largest, the last interval's slope
+    for one interval, then held, and never so low that the free model would fall below its
+    value at the largest profiled value)."""
     out = residual.copy()
-    for name, values in profiled.items():
+    for name, values in grid.profiled.items():
         if len(values) < 2:
             continue
         axis = FEATURE_NAMES.index(name)
         where = {float(v): i for i, v in enumerate(corners[axis])}
         known = np.asarray(values)
-        last, before = where[values[-1]], where[values[-2]]
-        slope = (np.take(out, last, axis) - np.take(out, before, axis)) / (values[-1] - values[-2])
+        last = np.take(out, where[values[-1]], axis)
+        slope = (last - np.take(out, where[values[-2]], axis)) / (values[-1] - values[-2])
         for i, corner in enumerate(corners[axis]):
             if i == 0 or corner in values or corner < values[0]:
                 continue
             at: list[Any] = [slice(None)] * out.ndim
             at[axis] = i
-            if corner < values[-1]:
+            if corner < values[-1] and grid.interpolate:
                 high = float(known[known > corner].min())
                 low = float(known[known < corner].max())
                 w = (corner - low) / (high - low)
                 out[tuple(at)] = (1 - w) * np.take(out, where[low], axis) + w * np.take(
                     out, where[high], axis
                 )
-            else:
+            elif corner > values[-1] and grid.extrapolate:
                 steps = min(corner - values[-1], values[-1] - values[-2])
-                flat = np.take(out, last, axis) - (
-                    np.take(log_baseline, i, axis) - np.take(log_baseline, last, axis)
+                growth = np.take(log_baseline, i, axis) - np.take(
+                    log_baseline, where[values[-1]], axis
                 )
-                out[tuple(at)] = np.maximum(np.take(out, last, axis) + steps * slope, flat)
+                out[tuple(at)] = np.maximum(last + steps * slope, last - growth)
     return out
 
 
