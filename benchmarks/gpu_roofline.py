@@ -30,6 +30,7 @@ Vision: a ViT-L/14 (width 1024, 23 layers) over ``crops + 1`` images of 336 px (
 each), 2x2 attention pooling to 144 tokens per image and a SwiGLU projector: vision tokens
 = (crops + 1) x 144. LLM: OLMoE-like blocks (d_model 2048, 16 heads of 128, QK-norm, 64
 experts of SwiGLU hidden 1024, top_k routed), 16 blocks of which ``num_active_blocks`` run.
+The shapes are the profiler's ``molmoe-1b`` preset (``toolkit.profiler.model``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+
+from toolkit.features import VISION_TOKENS_PER_CROP
+from toolkit.profiler.model import CROP_SIZE, PATCH_SIZE, ModelPreset, get_preset
 
 BYTES = 2  # bf16
 
@@ -68,37 +72,19 @@ class Device:
         return self.hbm_tb_s * 1e6 * self.hbm_efficiency
 
 
-@dataclass(frozen=True)
-class MolmoE1B:
-    """MolmoE-1B's shapes (OLMoE-1B-7B decoder, CLIP ViT-L/14 at 336 px)."""
+#: MolmoE-1B's shapes (OLMoE-1B-7B decoder, CLIP ViT-L/14 at 336 px): the profiler's preset.
+MODEL: ModelPreset = get_preset("molmoe-1b")
+#: ViT tokens per image: its patches and the class token.
+VIT_TOKENS_PER_IMAGE = (CROP_SIZE // PATCH_SIZE) ** 2 + 1
+#: Spread of the experts' popularity (log-normal sigma): real routers are uneven.
+EXPERT_POPULARITY_SIGMA = 0.35
 
-    d_model: int = 2048
-    heads: int = 16
-    head_dim: int = 128
-    num_blocks: int = 16
-    experts: int = 64
-    expert_hidden: int = 1024
-    vocab: int = 50304
-    vit_width: int = 1024
-    vit_layers: int = 23
-    vit_heads: int = 16
-    vit_mlp: int = 4096
-    crop_px: int = 336
-    patch_px: int = 14
-    tokens_per_crop: int = 144
-    projector_hidden: int = 4096
-    #: Spread of the experts' popularity (log-normal sigma): real routers are uneven.
-    expert_popularity_sigma: float = 0.35
 
-    @property
-    def vit_tokens_per_image(self) -> int:
-        return (self.crop_px // self.patch_px) ** 2 + 1  # patches + class token
-
-    def expert_shares(self) -> np.ndarray:
-        """Fixed share of the routed tokens each expert gets (sums to 1)."""
-        z = np.random.default_rng(20240917).standard_normal(self.experts)
-        weights = np.exp(self.expert_popularity_sigma * z)
-        return weights / weights.sum()
+def expert_shares(model: ModelPreset) -> np.ndarray:
+    """Fixed share of the routed tokens each expert gets (sums to 1)."""
+    z = np.random.default_rng(20240917).standard_normal(model.num_experts)
+    weights = np.exp(EXPERT_POPULARITY_SIGMA * z)
+    return np.asarray(weights / weights.sum())
 
 
 #: Devices a sweep can be simulated on (``precise_sweep.py --device``); the A100-like one
@@ -166,14 +152,14 @@ def flash_attention_us(
 
 
 @cache
-def vision_us(crops: int, dev: Device = Device(), model: MolmoE1B = MolmoE1B()) -> float:
+def vision_us(crops: int, dev: Device = Device(), model: ModelPreset = MODEL) -> float:
     """ViT + pooling + projector over ``crops + 1`` images (noise-free)."""
     images = crops + 1
-    per_image = model.vit_tokens_per_image
+    per_image = VIT_TOKENS_PER_IMAGE
     tokens = images * per_image
     w, mlp = model.vit_width, model.vit_mlp
     act = BYTES * tokens * w
-    t = gemm_us(dev, tokens, w, 3 * model.patch_px**2)  # patch embedding
+    t = gemm_us(dev, tokens, w, 3 * PATCH_SIZE**2)  # patch embedding
     t += memory_us(dev, 2 * act)  # + positions
     layer = (
         memory_us(dev, 2 * act)  # layer norm
@@ -192,7 +178,7 @@ def vision_us(crops: int, dev: Device = Device(), model: MolmoE1B = MolmoE1B()) 
     t += model.vit_layers * layer
     # 2x2 attention pooling of two concatenated ViT layers (2w features), then the projector.
     patches = images * (per_image - 1)
-    pooled = images * model.tokens_per_crop
+    pooled = images * VISION_TOKENS_PER_CROP
     t += memory_us(dev, BYTES * patches * 2 * w * 2)  # gather + concatenate
     t += gemm_us(dev, patches, 2 * 2 * w, 2 * w)  # keys and values
     t += gemm_us(dev, pooled, 2 * w, 2 * w)  # queries (the mean of each 2x2 window)
@@ -206,11 +192,11 @@ def vision_us(crops: int, dev: Device = Device(), model: MolmoE1B = MolmoE1B()) 
 # -- LLM prefill -----------------------------------------------------------------------------
 
 
-def expert_loads(tokens: int, top_k: int, model: MolmoE1B) -> tuple[int, ...]:
+def expert_loads(tokens: int, top_k: int, model: ModelPreset) -> tuple[int, ...]:
     """Tokens routed to each expert: ``tokens x top_k`` assignments split by popularity,
     rounded by largest remainder (an expert gets at most ``tokens``)."""
     assignments = tokens * top_k
-    raw = model.expert_shares() * assignments
+    raw = expert_shares(model) * assignments
     loads = np.minimum(np.floor(raw).astype(np.int64), tokens)
     short = assignments - int(loads.sum())
     order = np.argsort(-(raw - np.floor(raw)))
@@ -223,13 +209,13 @@ def expert_loads(tokens: int, top_k: int, model: MolmoE1B) -> tuple[int, ...]:
     return tuple(int(v) for v in loads)
 
 
-def moe_block_us(dev: Device, tokens: int, top_k: int, model: MolmoE1B) -> float:
+def moe_block_us(dev: Device, tokens: int, top_k: int, model: ModelPreset) -> float:
     """Router, top-k, permutation, the two grouped expert GEMMs and the combine."""
     d, h = model.d_model, model.expert_hidden
     routed = tokens * top_k
     loads = expert_loads(tokens, top_k, model)
-    t = gemm_us(dev, tokens, model.experts, d)  # router logits
-    t += memory_us(dev, BYTES * tokens * model.experts * 2)  # softmax + top-k
+    t = gemm_us(dev, tokens, model.num_experts, d)  # router logits
+    t += memory_us(dev, BYTES * tokens * model.num_experts * 2)  # softmax + top-k
     t += memory_us(dev, BYTES * (tokens * d + routed * d))  # permute tokens to experts
     t += grouped_gemm_us(dev, loads, 2 * h, d)  # gate + up
     t += memory_us(dev, BYTES * routed * 3 * h)  # SiLU x up
@@ -244,7 +230,7 @@ def llm_prefill_us(
     top_k: int,
     num_active_blocks: int,
     dev: Device = Device(),
-    model: MolmoE1B = MolmoE1B(),
+    model: ModelPreset = MODEL,
 ) -> float:
     """The decoder over the whole prompt (``num_active_blocks`` blocks) and the first token."""
     p, d = prompt_tokens, model.d_model
@@ -255,7 +241,7 @@ def llm_prefill_us(
         + memory_us(dev, 2 * 2 * act)  # QK-norm
         + memory_us(dev, 2 * 2 * act)  # rotary
         + memory_us(dev, 2 * act)  # write the KV cache
-        + flash_attention_us(dev, p, p, model.heads, model.head_dim, True)
+        + flash_attention_us(dev, p, p, model.num_heads, d // model.num_heads, True)
         + gemm_us(dev, p, d, d)  # output projection
         + memory_us(dev, 3 * act)  # residual
         + memory_us(dev, 2 * act)  # RMSNorm
@@ -263,7 +249,7 @@ def llm_prefill_us(
         + memory_us(dev, 3 * act)  # residual
     )
     t = memory_us(dev, act) + num_active_blocks * block  # embeddings, blocks
-    t += memory_us(dev, 2 * BYTES * d) + gemm_us(dev, 1, model.vocab, d)  # norm, LM head
+    t += memory_us(dev, 2 * BYTES * d) + gemm_us(dev, 1, model.vocab_size, d)  # norm, LM head
     return t + dev.prefill_host_us
 
 
@@ -272,7 +258,7 @@ def llm_prefill_us(
 
 @cache
 def decode_pass_line(
-    top_k: int, num_active_blocks: int, dev: Device = Device(), model: MolmoE1B = MolmoE1B()
+    top_k: int, num_active_blocks: int, dev: Device = Device(), model: ModelPreset = MODEL
 ) -> tuple[float, float]:
     """(constant us, us per KV-cache token) of one decode pass: pass time = a + b x KV."""
     d, h = model.d_model, model.expert_hidden
@@ -284,14 +270,14 @@ def decode_pass_line(
         + dev.kernel_fixed_us  # attention's launch (its reads are the slope)
         + gemm_us(dev, 1, d, d)
         + 2 * memory_us(dev, small)  # residual, RMSNorm
-        + gemm_us(dev, 1, model.experts, d)  # router
+        + gemm_us(dev, 1, model.num_experts, d)  # router
         + memory_us(dev, small)  # top-k
         + grouped_gemm_us(dev, (1,) * top_k, 2 * h, d)  # the top_k experts' weights
         + memory_us(dev, small)
         + grouped_gemm_us(dev, (1,) * top_k, d, h)
         + 2 * memory_us(dev, small)  # combine, residual
     ) * num_active_blocks
-    constant += gemm_us(dev, 1, model.vocab, d) + dev.decode_host_us  # LM head, sampling
+    constant += gemm_us(dev, 1, model.vocab_size, d) + dev.decode_host_us  # LM head, sampling
     # Attention reads K and V of every cached token in every active block.
     slope = num_active_blocks * 2 * BYTES * d / dev.bytes_per_us
     return constant, slope

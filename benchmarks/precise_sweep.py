@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_roofline
 
 from toolkit.atomic import write_json_atomic
+from toolkit.features import VISION_TOKENS_PER_CROP
 from toolkit.profiler.datasets import parse_datasets
 from toolkit.profiler.runner import Job, ProfileSettings, plan_jobs
 from toolkit.profiler.timing import SampleTiming
@@ -67,7 +68,7 @@ def _simulate_job(
     )
     timings = []
     for spec in job.specs:
-        vision_tokens = (spec.num_crops + 1) * gpu_roofline.MolmoE1B().tokens_per_crop
+        vision_tokens = (spec.num_crops + 1) * VISION_TOKENS_PER_CROP
         prompt = vision_tokens + spec.text_tokens
         vision = gpu_roofline.vision_us(spec.num_crops, device) / 1000.0
         prefill = gpu_roofline.llm_prefill_us(prompt, job.top_k, job.blocks, device) / 1000.0
@@ -126,11 +127,14 @@ def write_precise_sweep(
         progress=False,
     )
     plan, _ = plan_jobs(settings, out)
-    gpu, model = gpu_roofline.DEVICES[device], gpu_roofline.MolmoE1B()
+    gpu, model = gpu_roofline.DEVICES[device], gpu_roofline.MODEL
     simulation = {
         "note": SIMULATION_NOTE,
         "device": asdict(gpu),
-        "model": asdict(model),
+        "model": {
+            **model.to_dict(),
+            "expert_popularity_sigma": gpu_roofline.EXPERT_POPULARITY_SIGMA,
+        },
         "noise_sigma_per_stage_and_run": noise,
         "noise_sigma_per_decode_pass": noise,
     }
@@ -140,7 +144,7 @@ def write_precise_sweep(
         timings, job_records = _simulate_job(job, gpu, repeats, noise, seed)
         metadata = [{"simulated": True, "device": gpu.name}] * len(timings)
         document = result_document(
-            job.tier, job.top_k, job.blocks, model.num_blocks, timings, metadata
+            job.tier, job.top_k, job.blocks, model.num_layers, timings, metadata
         )
         document["simulation"] = {"note": SIMULATION_NOTE}
         job.path.parent.mkdir(parents=True, exist_ok=True)

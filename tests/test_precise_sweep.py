@@ -18,7 +18,7 @@ from precise_sweep import write_precise_sweep
 from toolkit.data import load_results
 
 DEVICE = gpu_roofline.Device()
-MODEL = gpu_roofline.MolmoE1B()
+MODEL = gpu_roofline.MODEL
 
 
 def test_gemm_steps_at_tile_rows_and_waves() -> None:
