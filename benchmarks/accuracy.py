@@ -59,7 +59,7 @@ TARGETS = {"prefill": (2.0, 0.99), "decode_total": (6.0, 0.97)}
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "latkit": ("physics", {}),
     "0.3": ("physics", {"capacity_search": False, "knob_interpolation": False}),
-    "0.2-trees": ("trees", {}),
+    "0.2": ("trees", {}),
 }
 #: DESIGN.md / issue 17 targets on precise data: MAPE / noise floor per split.
 FLOOR_TARGETS = {"sample": 1.5, "config": 2.0, "sparse": 2.0, "extrap": 2.0}

@@ -137,10 +137,11 @@ def loop_decode_epoch(samples: pl.DataFrame, steps: pl.DataFrame, batch: int) ->
             if n <= 0:
                 continue
             coef = net(torch.from_numpy(x_all[i : i + 1]))[0]
+            prompt = torch.tensor(float(row["vision_tokens"] + row["text_tokens"]))
             total = torch.zeros(())
             measured = per_sample_steps.get(row["sample_key"], [])
             for k in range(1, n + 1):  # one evaluation per position, as the original did
-                pass_ms = (coef * decode_basis(torch.tensor(float(k)))).sum()
+                pass_ms = (coef * decode_basis(torch.tensor(float(k)), prompt)).sum()
                 total = total + pass_ms
                 if k <= len(measured):
                     pass_terms.append((pass_ms - measured[k - 1]) ** 2)

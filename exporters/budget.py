@@ -6,7 +6,8 @@ total fits the budget (0 where the prefill alone does not fit), once per bound:
 
 - ``max_output_tokens``: ``total_ms(N) = prefill_ms + decode_total_ms(N) <= budget``;
 - ``max_output_tokens_p90`` / ``_p95``: the calibrated total bound
-  ``total_pXX_ms(N) = max(total_ms(N) x g, prefill_pXX_ms) <= budget``
+  ``total_pXX_ms(N) = max(prefill_ms x f_p + decode_total_ms(N) x f_d, prefill_pXX_ms)
+  <= budget``
   (``toolkit.models.bounds``; an unbounded level, factor +inf, fits nothing: 0),
 
 as float32 [B]. The rule is ``toolkit.controller.max_output_tokens`` with ``bound`` mean /
@@ -49,17 +50,22 @@ class BudgetPredictor(torch.nn.Module):
         self.predictor = predictor
 
     def forward(self, features: Tensor, budget_ms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        first, weighted = self.predictor.front(features)
+        # Prefill and the decode coefficients do not depend on the output length: the first
+        # layer runs once, with output_tokens 0 (the decode factors then read 0, unused).
+        inputs = torch.cat([features, torch.zeros_like(budget_ms).unsqueeze(1)], 1)
+        first, weighted = self.predictor.front(inputs)[:2]
         rows = features.shape[0]
         # The three bounds searched together as one batch of 3B rows: the same prefill and
-        # decode coefficients (they depend on the configuration only, computed once; each
-        # bisection step costs one closed-form total). Bound: max((P + D(N)) g, P f) with
-        # (g, f) = (1, 0) for the mean, the calibrated factors for p90 and p95.
+        # decode coefficients (each bisection step costs one closed-form total). Bound:
+        # max(P f_p + D(N) f_d, P f) with (f_p, f_d, f) = (1, 1, 0) for the mean, the
+        # calibrated factors for p90 and p95.
         prefill = self.predictor.prefill(weighted).repeat(3)
-        coef = self.predictor.decode.coefficients(first, features).repeat(3, 1)
+        coef = self.predictor.decode.coefficients(first, inputs).repeat(3, 1)
+        prompt = (features[:, 0] + features[:, 1]).repeat(3)
         budget = budget_ms.repeat(3)
         ones = torch.ones_like(budget_ms).unsqueeze(0)
-        factor = (self.predictor.total_factors.unsqueeze(1) * ones).reshape(-1)
+        prefill_factor = (self.predictor.total_prefill_factors.unsqueeze(1) * ones).reshape(-1)
+        decode_factor = (self.predictor.total_decode_factors.unsqueeze(1) * ones).reshape(-1)
         # The floor P f does not depend on N: it fits or not for the whole search.
         floor_fits = prefill * (self.predictor.floor_factors.unsqueeze(1) * ones).reshape(-1)
         floor_fits = floor_fits <= budget
@@ -68,12 +74,12 @@ class BudgetPredictor(torch.nn.Module):
         high = torch.full_like(budget, 4097.0)  # never feasible
         for _ in range(12):
             middle = torch.floor((low + high) * 0.5)
-            decode_total, _ = self.predictor.decode.totals(coef, middle)
-            fits = (prefill + decode_total) * factor <= budget
+            decode_total, _ = self.predictor.decode.totals(coef, middle, prompt)
+            fits = prefill * prefill_factor + decode_total * decode_factor <= budget
             low = torch.where(fits, middle, low)
             high = torch.where(fits, high, middle)
         # At N = 1 there is no decode pass: the total is the prefill.
-        fits_at_one = (prefill * factor <= budget) & floor_fits
+        fits_at_one = (prefill * prefill_factor <= budget) & floor_fits
         answer = torch.where(fits_at_one, low, torch.zeros_like(low))
         return answer[:rows], answer[rows : 2 * rows], answer[2 * rows :]
 

@@ -38,6 +38,7 @@ from exporters.budget import (
 from exporters.fused import (
     FEATURE_LIMITS,
     INPUT_NAMES,
+    OUTPUT_TOKENS_LIMIT,
     FusedPredictor,
     GenericDecode,
     OutputSpec,
@@ -131,7 +132,7 @@ def output_spec(model: HybridLatencyModel) -> OutputSpec:
         prefill_scale=float(calibration.prefill_scale),
         prefill_offset_ms=float(calibration.prefill_offset_ms),
         prefill_bounds={k: float(v) for k, v in bounds.prefill.items()},
-        total_bounds={k: float(v) for k, v in bounds.total.items()},
+        total_bounds={k: (float(p), float(d)) for k, (p, d) in bounds.total.items()},
     )
 
 
@@ -213,10 +214,14 @@ def predictor_metadata(
         "decode_form": decode_form,
         # Above these feature values the graph's baseline factors would clip: refuse them.
         "feature_limits": dict(zip(FEATURE_NAMES, FEATURE_LIMITS, strict=True)),
+        "output_tokens_limit": OUTPUT_TOKENS_LIMIT,
         # Multipliers of prefill_ms / total_ms per bound level (null: unbounded, +inf).
         "bound_factors": {
             "prefill": {k: _json_factor(v) for k, v in bounds.prefill.items()},
-            "total": {k: _json_factor(v) for k, v in bounds.total.items()},
+            "total": {
+                k: {"prefill": _json_factor(p), "decode": _json_factor(d)}
+                for k, (p, d) in bounds.total.items()
+            },
         },
         # The threshold test and row index are exact float32 matmuls; TF32 breaks them.
         "cuda_provider_options": {"use_tf32": "0"},

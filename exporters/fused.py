@@ -1,14 +1,13 @@
 """The fused predictor: physics baseline x tree table + decode network, one torch module.
 
 This module is what gets scripted to TorchScript and exported to ONNX. Its graph holds only
-ordinary ops (Gemm, MatMul, Cast, Gather, ReduceProd, Pow, Concat, Split and a few
+ordinary ops (Concat, Gemm, MatMul, Cast, Gather, ReduceProd, Slice, Softplus, Split and a few
 elementwise ops), so ONNX Runtime's CUDA provider and libtorch run it as well as the CPU.
 
 A batch-1 query costs ONNX Runtime about 0.35-0.4 µs per graph node on this project's CPUs,
-whatever the node computes, so the graph is laid out for few nodes (19 after ONNX Runtime's
-own Gemm + activation and Gemm + Transpose fusions, for the default one-layer network, with
-all nine outputs):
+whatever the node computes, so the graph is laid out for few nodes:
 
+- the inputs are joined into ``X = [features, output_tokens]`` [B, 6];
 - one Gemm + clip-to-[0, 1] (ONNX ``HardSigmoid`` with alpha 1, beta 0, which ONNX Runtime
   fuses into the Gemm) computes, side by side:
 
@@ -19,31 +18,36 @@ all nine outputs):
   * the nine linear factors of the physics baseline (``PhysicsBaseline.product_form``: a
     sum of three products of three linear forms), each scaled by a power of two so that it
     stays below 1 (the clip never binds) for every input up to ``FEATURE_LIMITS``;
+  * the factors of the decode terms (``DECODE_TERMS``): ``m = relu(N - 1) 2^-24`` (the
+    passes), ``q = (P + N / 2) 2^-26`` (the mean KV length over the passes, P the prompt),
+    ``ind = [N > 1]`` (exact for float32 N: ``clip((N - 1) 2^23, 0, 1)``) and the constant 1;
   * the decode network's first layer, standardisation folded in and scaled by 2**-40 so
     that the clip never binds (``clip(2**-40 z, 0, 1) = 2**-40 relu(z)`` bit for bit; the
     next layer's weights carry 2**40).
 
   The columns are laid out so that a Reshape to [B, 3, G] puts the three factors of each
-  baseline product on one axis: one ReduceProd yields the three products (and G - 3 junk
-  products of other columns, finite numbers in [0, 1] that nothing reads);
+  product on one axis: one ReduceProd yields the three baseline products, the decode
+  products ``m``, ``m q``, ``ind``, ``ind q`` (and G - 7 junk products of other columns,
+  finite numbers in [0, 1] that nothing reads);
 - one MatMul with the strides gives the table row, exact in float32 (integers below 2**24);
   a Cast and a Gather read the residual factor, one Mul applies it to the products, and a
   second Gather reads the cell's floor in ms (the prefill is ``max(floor, baseline x
   residual factor)``, ``toolkit.models.prefill_table``);
-- the decode network's head (Gemm + Softplus) and the closed-form totals: ``relu(N * s - s)``
-  gives ``s_j * m`` (m = N - 1 passes) per basis power, one ``Pow`` gives ``(s_j m)^(j+1)`` =
-  coefficient scale x basis prefix sum, one Mul the terms ``coef_j (s_j m)^(j+1)``. A fourth
-  token column ``relu(N - 2)`` makes the per-token denominator ``max(m, 1) = relu(N - 2) + 1``;
+- the decode network's head (Gemm + Softplus) gives the per-pass coefficients ``a`` (constant)
+  and ``c`` (slope over the KV length; ``toolkit.models.decode``), each twice, and one Mul
+  pairs them with a Slice of the decode products: ``a m``, ``c m q``, ``a ind``, ``c ind q``.
+  The decode total over m passes, ``a m + c m (P + N / 2) / 1024``, and the mean pass,
+  ``[N > 1] (a + c (P + N / 2) / 1024)``, are linear in those four columns: no division;
 - ONE output Gemm maps the concatenated products, floor and decode terms to every output at
   once (transposed: [36, B]): the calibration scale, the powers of two of the factor scaling
   and every bound factor are in its weights, the calibration offsets in its bias. Its four
   quarters are the candidates each output is the max of: the output through the products,
   through the floor (the prefill's max distributes over everything affine in it with a
-  positive factor), and for a total bound (``max(total_ms x g, prefill_pXX_ms)``,
-  ``toolkit.models.bounds``) the prefill bound through either; -inf where an output has
-  fewer. A Reshape to [4, 9B] and one ReduceMax take the max, one Split (``num_outputs=9``)
-  hands out the rows, and one Div makes the per-token mean. A bound level with an infinite
-  factor (too few calibration samples) is the constant +inf: weight 0, bias +inf.
+  positive factor), and for a total bound (``max(prefill_ms x f_p + decode_total_ms x f_d,
+  prefill_pXX_ms)``, ``toolkit.models.bounds``) the prefill bound through either; -inf where
+  an output has fewer. A Reshape to [4, 9B] and one ReduceMax take the max, one Split
+  (``num_outputs=9``) hands out the rows. A bound level with an infinite factor (too few
+  calibration samples) is the constant +inf: weight 0, bias +inf.
 
 ONNX Runtime's MatMul with a 1-D right operand is several times slower than with an
 [N, 1] matrix (1.3 µs more at batch 1, 12x at batch 4096), hence ``[N, 1]``.
@@ -62,7 +66,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import torch
@@ -71,7 +75,7 @@ from torch import Tensor
 from exporters.tree_table import PrefillTable
 from toolkit.errors import LatkitError
 from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES
-from toolkit.models.decode import K0, N_BASIS, decode_outputs
+from toolkit.models.decode import KV_UNIT, N_BASIS, decode_outputs
 
 log = logging.getLogger(__name__)
 
@@ -85,160 +89,200 @@ HIDDEN_SCALE = 2.0**-40
 #: (where float32 stops counting exactly), top_k and blocks up to 2**16. The runtime refuses
 #: larger inputs.
 FEATURE_LIMITS: tuple[float, ...] = (2.0**24, 2.0**24, 2.0, 2.0**16, 2.0**16)
-#: Rows of the output Gemm: ``OUTPUT_NAMES`` with the per-token mean replaced by its
-#: denominator ``max(N - 1, 1)`` (the graph divides the decode total by it).
-GEMM_ROWS: tuple[str, ...] = tuple(
-    "per_token_denominator" if name == "decode_per_token_ms" else name for name in OUTPUT_NAMES
+#: Largest output_tokens for which the decode factors stay below the clip (refused above).
+OUTPUT_TOKENS_LIMIT: Final[float] = 2.0**24
+#: Scales of the decode factors (module doc): powers of two, so scaling changes no rounding.
+M_SCALE: Final[float] = 2.0**-24
+Q_SCALE: Final[float] = 2.0**-26
+IND_GAIN: Final[float] = 2.0**23
+#: softplus(CONST_LOGIT) == CONST_LOGIT in float32 (the correction is below 1e-13): a head
+#: row with zero weights and this bias passes its product through, times CONST_LOGIT. Used
+#: for a recalibration's per-pass offset, which multiplies the passes, not a coefficient.
+CONST_LOGIT: Final[float] = 32.0
+#: Rows of the output Gemm, in graph order.
+GEMM_ROWS: tuple[str, ...] = OUTPUT_NAMES
+#: The decode products of the folded form (factors of one product; "1" is the constant), and
+#: which head coefficient multiplies each: "a", "c" or "const" (recalibration offset only).
+DECODE_TERMS: Final[tuple[tuple[tuple[str, str, str], str], ...]] = (
+    (("m", "1", "1"), "a"),
+    (("m", "q", "1"), "c"),
+    (("ind", "1", "1"), "a"),
+    (("ind", "q", "1"), "c"),
+)
+OFFSET_TERMS: Final[tuple[tuple[tuple[str, str, str], str], ...]] = (
+    (("m", "1", "1"), "const"),
+    (("ind", "1", "1"), "const"),
 )
 # |prev(t)| below this has no power-of-two threshold scale in float32 (see threshold_columns).
 _TINY_THRESHOLD = 2.0**-100
-# Factors of one baseline product, and products (see PhysicsBaseline.product_form).
+# Factors of one product, and baseline products (see PhysicsBaseline.product_form).
 _FACTORS = 3
 _PRODUCTS = 3
+# Column of output_tokens in X = [features, output_tokens].
+_N = len(FEATURE_NAMES)
+_V, _T = FEATURE_NAMES.index("vision_tokens"), FEATURE_NAMES.index("text_tokens")
+
+
+def decode_factor_column(name: str) -> tuple[np.ndarray, float]:
+    """(weight over X [F + 1], bias) of a decode factor (module doc)."""
+    weight = np.zeros(len(FEATURE_NAMES) + 1)
+    if name == "m":
+        weight[_N] = M_SCALE
+        return weight, -M_SCALE
+    if name == "q":
+        weight[[_V, _T]] = Q_SCALE
+        weight[_N] = 0.5 * Q_SCALE
+        return weight, 0.0
+    if name == "ind":
+        weight[_N] = IND_GAIN
+        return weight, -IND_GAIN
+    if name == "1":
+        return weight, 1.0
+    raise ValueError(f"unknown decode factor {name!r}")
 
 
 class GenericDecode(torch.nn.Module):
     """Decode totals exactly as the model defines them (``DecodeNet`` + ``decode_outputs``),
-    with an optional recalibration ``pass -> a x pass + b``: ``total' = a total + b m``."""
+    with an optional recalibration ``pass -> a x pass + b``: the coefficients become
+    ``(a coef_0 + b, a coef_1)``, which is the same map (the basis' first term is 1)."""
 
     if TYPE_CHECKING:  # buffers, declared for mypy only (TorchScript rejects the annotations)
-        scale: Tensor
-        offset: Tensor
+        coef_scale: Tensor
+        coef_offset: Tensor
 
     def __init__(
         self, decode_net: torch.nn.Module, scale: float = 1.0, offset_ms: float = 0.0
     ) -> None:
         super().__init__()
         self.decode_net = decode_net
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
-        self.register_buffer("offset", torch.tensor(float(offset_ms), dtype=torch.float32))
+        self.register_buffer("coef_scale", torch.full((N_BASIS,), float(scale)))
+        offset = torch.zeros(N_BASIS)
+        offset[0] = float(offset_ms)
+        self.register_buffer("coef_offset", offset)
 
-    def coefficients(self, first: Tensor, features: Tensor) -> Tensor:
-        return self.decode_net(features)
+    def coefficients(self, first: Tensor, inputs: Tensor) -> Tensor:
+        """Calibrated per-pass coefficients [B, N_BASIS] (ms, ms per KV_UNIT tokens)."""
+        return self.decode_net(inputs[:, :5]) * self.coef_scale + self.coef_offset
 
-    def totals(self, coef: Tensor, output_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        total, _ = decode_outputs(coef, output_tokens)
-        passes = torch.relu(output_tokens - 1.0)
-        total = total * self.scale + passes * self.offset
-        # 0 passes: total is exactly 0, so per-token is 0 without a select.
-        return total, total / torch.clamp(passes, min=1.0)
+    def totals(self, coef: Tensor, output_tokens: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        return decode_outputs(coef, output_tokens, prompt)
 
-    def columns(self, first: Tensor, features: Tensor, output_tokens: Tensor) -> list[Tensor]:
-        """Inputs of the output Gemm: the decode total and ``relu(N - 2)``, [B, 1] each."""
-        total, _ = self.totals(self.coefficients(first, features), output_tokens)
-        return [total.unsqueeze(1), torch.relu(output_tokens - 2.0).unsqueeze(1)]
+    def columns(self, first: Tensor, inputs: Tensor, products: Tensor) -> list[Tensor]:
+        """Inputs of the output Gemm: the decode total and the mean pass, [B, 1] each."""
+        coef = self.coefficients(first, inputs)
+        total, per_token = self.totals(coef, inputs[:, 5], inputs[:, 0] + inputs[:, 1])
+        return [total.unsqueeze(1), per_token.unsqueeze(1)]
 
     @torch.jit.unused
     def column_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(decode total, denominator - 1) as weights of :meth:`columns`."""
+        """(decode total, mean pass) as weights of :meth:`columns`."""
         return np.array([1.0, 0.0]), np.array([0.0, 1.0])
+
+    @torch.jit.unused
+    def product_terms(self) -> tuple[tuple[str, str, str], ...]:
+        return ()
 
 
 class FoldedDecode(torch.nn.Module):
-    """The same function as :class:`GenericDecode`, folded for few graph nodes.
+    """The same function as :class:`GenericDecode`, folded for few graph nodes (module doc).
 
-    ``coefficients`` takes the first layer's activations (computed by the caller, which
-    shares that Gemm with the prefill columns and scales them by ``2**-40``) and returns
-    ``N_BASIS + 1`` softplus outputs: the coefficients and one unused column (the head's
-    last row is zero) that pairs with the token column ``relu(N - 2)``. ``totals``
-    evaluates ``sum_j coef_j (s_j m)^(j+1)`` (+ ``b m`` when recalibrated).
+    ``head`` has one output per decode term (``terms``): the network head's row of the term's
+    coefficient ("a": row 0, "c": row 1), or zero weights and bias ``CONST_LOGIT`` ("const").
+    ``columns`` multiplies their softplus with the decode products (a Slice of the products at
+    ``start``); ``coef_scale`` / ``coef_offset`` turn the softplus of rows 0 and 1 into the
+    calibrated coefficients (the budget graph's closed form).
     """
 
     if TYPE_CHECKING:  # buffers, declared for mypy only (TorchScript rejects the annotations)
-        token_weight: Tensor
-        token_bias: Tensor
-        exponents: Tensor
-        basis_mask: Tensor
-        offset: Tensor
+        coef_scale: Tensor
+        coef_offset: Tensor
 
     def __init__(
         self,
         layers: list[torch.nn.Linear],
         head: torch.nn.Linear,
-        powers_scale: Tensor,
+        terms: tuple[tuple[tuple[str, str, str], str], ...],
+        coef_scale: Tensor,
         offset_ms: float = 0.0,
+        start: int = _PRODUCTS,
     ) -> None:
-        """``head`` has ``N_BASIS + 1`` outputs (the last unused); ``powers_scale`` [N_BASIS]."""
         super().__init__()
-        if head.out_features != N_BASIS + 1 or powers_scale.shape != (N_BASIS,):
-            raise ValueError("FoldedDecode needs a head of N_BASIS + 1 outputs")
+        if head.out_features != len(terms) or coef_scale.shape != (N_BASIS,):
+            raise ValueError("FoldedDecode needs one head output per decode term")
         self.layers = torch.nn.ModuleList(layers)
         self.head = head
-        scale = powers_scale.to(torch.float32)
-        # Columns: s_j (N - 1) for the basis powers, then N - 2 (the denominator column).
-        weight = torch.cat([scale, torch.ones(1)])
-        bias = torch.cat([-scale, torch.full((1,), -2.0)])
-        self.register_buffer("token_weight", weight.reshape(1, -1).clone())  # [1, K + 1]
-        self.register_buffer("token_bias", bias.clone())  # [K + 1]
-        exponents = torch.cat([torch.arange(1, N_BASIS + 1, dtype=torch.float32), torch.ones(1)])
-        self.register_buffer("exponents", exponents)
-        mask = torch.cat([torch.ones(N_BASIS), torch.zeros(1)])
-        self.register_buffer("basis_mask", mask)
-        self.register_buffer("offset", torch.tensor(float(offset_ms), dtype=torch.float32))
-        self.has_offset = offset_ms != 0.0
+        self.terms = terms
+        self.start = int(start)
+        self.stop = int(start) + len(terms)
+        self.register_buffer("coef_scale", coef_scale.to(torch.float32).clone())
+        offset = torch.zeros(N_BASIS)
+        offset[0] = float(offset_ms)
+        self.register_buffer("coef_offset", offset)
 
     @torch.jit.unused
-    def powers_scale(self) -> Tensor:
-        """``s_j`` [N_BASIS] of the basis powers ``(s_j m)^(j+1)``."""
-        return self.token_weight.reshape(-1)[:N_BASIS]
-
-    @torch.jit.unused
-    def reading(self, slots: np.ndarray, width: int, input_scale: float) -> FoldedDecode:
+    def reading(
+        self, slots: np.ndarray, width: int, input_scale: float, start: int
+    ) -> FoldedDecode:
         """A copy whose first layer reads the ``width`` columns of the shared Gemm: its inputs
         at column ``slots[i]``, scaled by ``input_scale`` (a power of two: exact), weight 0
-        on every other column."""
+        on every other column; its decode products start at product ``start``."""
         readers = [*self.layers, self.head]  # the first one reads the shared Gemm
         copies = [_copy_linear(readers[0], slots, width, input_scale)]
         copies += [_copy_linear(layer) for layer in readers[1:]]
         copy = FoldedDecode(
-            copies[:-1], copies[-1], self.powers_scale().clone(), float(self.offset)
+            copies[:-1],
+            copies[-1],
+            self.terms,
+            self.coef_scale.clone(),
+            float(self.coef_offset[0]),
+            start,
         )
         return copy.eval()
 
-    def coefficients(self, first: Tensor, features: Tensor) -> Tensor:
+    def softplus(self, first: Tensor) -> Tensor:
         h = first
         for layer in self.layers:
             h = torch.relu(layer(h))
         return torch.nn.functional.softplus(self.head(h))
 
-    def powers(self, output_tokens: Tensor) -> Tensor:
-        """``[(s_j m)^(j+1) for j < N_BASIS] + [relu(N - 2)]``, [B, N_BASIS + 1]."""
-        scaled = torch.relu(
-            torch.addmm(self.token_bias, output_tokens.unsqueeze(1), self.token_weight)
-        )
-        return torch.pow(scaled, self.exponents)
+    def coefficients(self, first: Tensor, inputs: Tensor) -> Tensor:
+        """Calibrated per-pass coefficients [B, N_BASIS] (ms, ms per KV_UNIT tokens)."""
+        return self.softplus(first)[:, :2] * self.coef_scale + self.coef_offset
 
-    def totals(self, coef: Tensor, output_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        total = (coef * self.powers(output_tokens) * self.basis_mask).sum(1)
-        passes = output_tokens - 1.0
-        if self.has_offset:
-            total = total + torch.relu(passes) * self.offset
-        # 0 passes: total is exactly 0 ((s * 0)^j = 0), so per-token is 0 without a select.
-        return total, total / torch.clamp(passes, min=1.0)
+    def totals(self, coef: Tensor, output_tokens: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        return decode_outputs(coef, output_tokens, prompt)
 
-    def columns(self, first: Tensor, features: Tensor, output_tokens: Tensor) -> list[Tensor]:
-        """Inputs of the output Gemm: ``coef * powers`` and ``powers``, [B, N_BASIS + 1] each."""
-        powers = self.powers(output_tokens)
-        return [self.coefficients(first, features) * powers, powers]
+    def columns(self, first: Tensor, inputs: Tensor, products: Tensor) -> list[Tensor]:
+        """Inputs of the output Gemm: coefficient x decode product, [B, len(terms)]."""
+        return [self.softplus(first) * products[:, self.start : self.stop]]
+
+    @torch.jit.unused
+    def product_terms(self) -> tuple[tuple[str, str, str], ...]:
+        return tuple(factors for factors, _ in self.terms)
 
     @torch.jit.unused
     def column_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(decode total, denominator - 1) as weights of :meth:`columns`: the basis terms
-        (+ the recalibration offset ``b m`` read from ``s_0 m``), and ``relu(N - 2)``."""
-        width = N_BASIS + 1
-        decode = np.zeros(2 * width)
-        decode[:N_BASIS] = 1.0
-        if self.has_offset:
-            decode[width] = float(self.offset) / float(self.powers_scale()[0])
-        denominator = np.zeros(2 * width)
-        denominator[2 * width - 1] = 1.0
-        return decode, denominator
+        """(decode total, mean pass) as weights of :meth:`columns` (module doc)."""
+        scale = self.coef_scale.double().numpy()
+        offset = float(self.coef_offset[0])
+        total, per_pass = np.zeros(len(self.terms)), np.zeros(len(self.terms))
+        for j, (factors, source) in enumerate(self.terms):
+            passes = factors[0] == "m"  # m: the total over the passes; ind: one pass
+            unit = M_SCALE if passes else 1.0
+            if source == "a":
+                weight = scale[0] / unit
+            elif source == "c":
+                weight = scale[1] / (KV_UNIT * Q_SCALE * unit)
+            else:
+                weight = offset / (CONST_LOGIT * unit)
+            (total if passes else per_pass)[j] = weight
+        return total, per_pass
 
 
 @dataclass(frozen=True)
 class FoldedPair:
-    """A folded decode network: its first layer (standardisation folded in; the caller runs
-    it, with ReLU) and the rest."""
+    """A folded decode network: its first layer (standardisation and input mask folded in;
+    the caller runs it, with ReLU) and the rest."""
 
     first: torch.nn.Linear
     decode: FoldedDecode
@@ -250,14 +294,16 @@ def fold_decode_net(
     """The network as a :class:`FoldedPair` (a recalibration folded in too), or None.
 
     Only the architecture ``toolkit.models.decode.DecodeNet`` defines is recognised
-    (Linear + ReLU body, Linear head, softplus, ``feature_mean`` / ``feature_std`` /
-    ``coef_scale`` buffers); anything else returns None and keeps the generic form.
+    (Linear + ReLU body, Linear head of N_BASIS outputs, softplus, ``feature_mean`` /
+    ``feature_std`` / ``feature_mask`` / ``coef_scale`` buffers); anything else returns None
+    and keeps the generic form.
     """
     try:
         body = list(getattr(decode_net, "body"))  # noqa: B009  (typed access to a submodule)
         head = getattr(decode_net, "head")  # noqa: B009
         mean = _buffer(decode_net, "feature_mean").to(torch.float64)
         std = _buffer(decode_net, "feature_std").to(torch.float64)
+        mask = _buffer(decode_net, "feature_mask").to(torch.float64)
         coef_scale = _buffer(decode_net, "coef_scale").to(torch.float64)
     except (AttributeError, TypeError):
         return None
@@ -276,19 +322,28 @@ def fold_decode_net(
     ):
         return None
     first = linears[0]
-    w = first.weight.detach().to(torch.float64) / std.unsqueeze(0)  # [H, F]
+    w = first.weight.detach().to(torch.float64) * (mask / std).unsqueeze(0)  # [H, F]
     b = first.bias.detach().to(torch.float64) - w @ mean
     folded_first = torch.nn.Linear(w.shape[1], w.shape[0])
     with torch.no_grad():
         folded_first.weight.copy_(w.to(torch.float32))
         folded_first.bias.copy_(b.to(torch.float32))
-    # coef_j K0 (m / K0)^(j+1) x scale = softplus_j x (s_j m)^(j+1)
-    powers = torch.arange(1, N_BASIS + 1, dtype=torch.float64)
-    s = (scale * coef_scale * K0) ** (1.0 / powers) / K0
+    terms = DECODE_TERMS + (OFFSET_TERMS if offset_ms != 0.0 else ())
+    rows = {"a": 0, "c": 1}
+    term_head = torch.nn.Linear(head.in_features, len(terms))
+    with torch.no_grad():
+        term_head.weight.zero_()
+        for j, (_, source) in enumerate(terms):
+            if source in rows:
+                term_head.weight[j] = head.weight[rows[source]]
+                term_head.bias[j] = head.bias[rows[source]]
+            else:
+                term_head.bias[j] = CONST_LOGIT
     decode = FoldedDecode(
         [_copy_linear(layer) for layer in linears[1:]],
-        _copy_linear(head, extra_outputs=1),
-        s.to(torch.float32),
+        term_head,
+        terms,
+        (coef_scale * scale).to(torch.float32),
         offset_ms,
     )
     return FoldedPair(folded_first, decode.eval())
@@ -394,14 +449,15 @@ def baseline_columns(
 
 @dataclass(frozen=True)
 class FirstLayer:
-    """The shared first Gemm (see the module doc): ``clip(x @ weight + bias, 0, 1)``.
+    """The shared first Gemm (see the module doc): ``clip(X @ weight + bias, 0, 1)``.
 
-    Column ``i * groups + j`` (j < 3) holds factor i of baseline product j; the other
-    columns hold the threshold tests (read by ``strides``) and the decode network's hidden
-    units (at ``hidden_slots``), then zero padding.
+    Column ``i * groups + j`` (j < n_products) holds factor i of product j: the three baseline
+    products, then the decode products; the other columns hold the threshold tests (read by
+    ``strides``) and the decode network's hidden units (at ``hidden_slots``), then zero
+    padding.
     """
 
-    weight: np.ndarray  # float32 [F, 3 * groups]
+    weight: np.ndarray  # float32 [F + 1, 3 * groups]
     bias: np.ndarray  # float32 [3 * groups]
     strides: np.ndarray  # float32 [3 * groups]
     groups: int
@@ -410,36 +466,44 @@ class FirstLayer:
 
 
 def first_layer(
-    table: PrefillTable, form: np.ndarray, hidden: torch.nn.Linear | None = None
+    table: PrefillTable,
+    form: np.ndarray,
+    hidden: torch.nn.Linear | None = None,
+    decode_products: tuple[tuple[str, str, str], ...] = (),
 ) -> FirstLayer:
-    """Lay out the threshold tests, baseline factors and (folded form) hidden units."""
+    """Lay out the threshold tests, baseline factors, decode factors and (folded form)
+    hidden units over ``X = [features, output_tokens]``."""
     t_weight, t_bias, t_strides = threshold_columns(table)
     b_weight, b_bias, compensation = baseline_columns(form)
     n_features = len(table.thresholds)
     n_thresholds = t_weight.shape[1]
     n_hidden = hidden.out_features if hidden is not None else 0
-    # G product slots per factor row: the 3 baseline products, then room for the rest.
-    groups = math.ceil((n_thresholds + n_hidden) / _FACTORS) + _PRODUCTS
+    n_products = _PRODUCTS + len(decode_products)
+    # G product slots per factor row: the products, then room for the rest.
+    groups = math.ceil((n_thresholds + n_hidden) / _FACTORS) + n_products
     width = _FACTORS * groups
-    weight = np.zeros((n_features, width), dtype=np.float32)
+    weight = np.zeros((n_features + 1, width), dtype=np.float32)  # the last row: N
     bias = np.zeros(width, dtype=np.float32)  # padding columns: clip(0) = 0
     strides = np.zeros(width, dtype=np.float32)
-    baseline_slots = [i * groups + j for i in range(_FACTORS) for j in range(_PRODUCTS)]
     for i in range(_FACTORS):
         for j in range(_PRODUCTS):
-            weight[:, i * groups + j] = b_weight[:, i, j]
+            weight[:n_features, i * groups + j] = b_weight[:, i, j]
             bias[i * groups + j] = b_bias[i, j]
-    taken = set(baseline_slots)
+        for j, factors in enumerate(decode_products, start=_PRODUCTS):
+            column_weight, column_bias = decode_factor_column(factors[i])
+            weight[:, i * groups + j] = column_weight
+            bias[i * groups + j] = column_bias
+    taken = {i * groups + j for i in range(_FACTORS) for j in range(n_products)}
     free = np.array([c for c in range(width) if c not in taken], dtype=np.int64)
     threshold_slots = free[:n_thresholds]
     hidden_slots = free[n_thresholds : n_thresholds + n_hidden]
-    weight[:, threshold_slots] = t_weight
+    weight[:n_features, threshold_slots] = t_weight
     bias[threshold_slots] = t_bias
     strides[threshold_slots] = t_strides
     if hidden is not None:
         w = hidden.weight.detach().to(torch.float64).T.numpy() * HIDDEN_SCALE
         b = hidden.bias.detach().to(torch.float64).numpy() * HIDDEN_SCALE
-        weight[:, hidden_slots] = w
+        weight[:n_features, hidden_slots] = w
         bias[hidden_slots] = b
     return FirstLayer(weight, bias, strides, groups, compensation, hidden_slots)
 
@@ -449,9 +513,9 @@ class OutputSpec:
     """How the outputs derive from baseline x residual factor and the decode terms.
 
     ``prefill_ms = prefill_scale * max(floor, baseline * residual) + prefill_offset_ms``;
-    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``, ``total_pXX_ms = max(total_ms *
-    total_bounds[pXX], prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf:
-    that bound is +inf).
+    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``; with ``(f_p, f_d) =
+    total_bounds[pXX]``, ``total_pXX_ms = max(prefill_ms * f_p + decode_total_ms * f_d,
+    prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf: that bound is +inf).
     """
 
     form: np.ndarray  # PhysicsBaseline.product_form(), float64 [F + 1, 3, 3]
@@ -460,10 +524,13 @@ class OutputSpec:
     prefill_bounds: dict[str, float] = field(
         default_factory=lambda: {"p50": 1.0, "p90": 1.0, "p95": 1.0}
     )
-    total_bounds: dict[str, float] = field(default_factory=lambda: {"p90": 1.0, "p95": 1.0})
+    total_bounds: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"p90": (1.0, 1.0), "p95": (1.0, 1.0)}
+    )
 
     def __post_init__(self) -> None:
-        factors = [*self.prefill_bounds.values(), *self.total_bounds.values()]
+        factors = [*self.prefill_bounds.values()]
+        factors += [f for pair in self.total_bounds.values() for f in pair]
         if not all(f > 0 for f in factors) or any(math.isnan(f) for f in factors):
             raise LatkitError(f"bound factors must be positive (or +inf), got {factors}")
         if not (self.prefill_scale > 0 and math.isfinite(self.prefill_offset_ms)):
@@ -475,18 +542,18 @@ _QUARTERS = 4
 
 
 def output_gemm(
-    layer: FirstLayer, spec: OutputSpec, decode_weights: np.ndarray, denominator: np.ndarray
+    layer: FirstLayer, spec: OutputSpec, decode_weights: np.ndarray, per_pass: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(weight [36, G + 1 + C], bias [36, 1]) of the output Gemm; its input is
     ``[products x residual (G), floor (1), decode columns (C)]``.
 
     The prefill is ``max(A, F)`` with ``A`` the products' sum and ``F`` the floor, so every
     output affine in it with a positive factor is the max of that output through ``A`` and
-    through ``F``. Quarter 0 holds each output through ``A``, quarter 1 through ``F``, and for
-    a total bound (``total_pXX = max(total_ms x g, prefill_pXX)``, ``toolkit.models.bounds``)
-    quarters 2 and 3 hold the prefill bound of the same level through ``A`` and ``F``; an
-    output with fewer candidates has -inf (weight 0, bias -inf) in the others. The graph takes
-    the elementwise max of the quarters.
+    through ``F``. Quarter 0 holds each output through ``A``, quarter 1 through ``F``, and
+    for a total bound (``total_pXX = max(prefill_ms x f_p + decode_total_ms x f_d,
+    prefill_pXX)``, ``toolkit.models.bounds``) quarters 2 and 3 hold the prefill bound of the
+    same level through ``A`` and ``F``; an output with fewer candidates has -inf (weight 0,
+    bias -inf) in the others. The graph takes the elementwise max of the quarters.
     """
     groups, n_decode = layer.groups, len(decode_weights)
     width = groups + 1 + n_decode
@@ -498,29 +565,32 @@ def output_gemm(
         return weights
 
     scale, offset = spec.prefill_scale, spec.prefill_offset_ms
-    decode = np.concatenate([np.zeros(groups + 1), decode_weights])
-    # The prefill through the products (A) and through the floor (F); the total adds decode.
-    prefill = {"A": (column(products=scale), offset), "F": (column(floor=scale), offset)}
-    total = {path: (w + decode, b) for path, (w, b) in prefill.items()}
-    unused = (np.zeros(width), -math.inf)
+    decode_w = np.concatenate([np.zeros(groups + 1), decode_weights])
+    # The prefill through the products (A) and through the floor (F).
+    prefill = [(column(products=scale), offset), (column(floor=scale), offset)]
+    unbounded = [(np.zeros(width), math.inf)]  # an unbounded level: the constant +inf
     rows: dict[str, list[tuple[np.ndarray, float]]] = {
-        "prefill_ms": [prefill["A"], prefill["F"]],
-        "decode_total_ms": [(decode, 0.0)],
-        "per_token_denominator": [(np.concatenate([np.zeros(groups + 1), denominator]), 1.0)],
-        "total_ms": [total["A"], total["F"]],
+        "prefill_ms": prefill,
+        "decode_total_ms": [(decode_w, 0.0)],
+        "decode_per_token_ms": [(np.concatenate([np.zeros(groups + 1), per_pass]), 0.0)],
+        "total_ms": [(w + decode_w, b) for w, b in prefill],
     }
-    for kind, base, factors in (
-        ("prefill", prefill, spec.prefill_bounds),
-        ("total", total, spec.total_bounds),
-    ):
-        for level, factor in factors.items():
-            if math.isinf(factor):  # unbounded level: the constant +inf
-                rows[f"{kind}_{level}_ms"] = [(np.zeros(width), math.inf)]
-            else:
-                rows[f"{kind}_{level}_ms"] = [(w * factor, b * factor) for w, b in base.values()]
-    for name in GEMM_ROWS:
-        if name.startswith("total_p") and not math.isinf(rows[name][0][1]):
-            rows[name] += rows[f"prefill_{name[len('total_') :]}"]
+    for level, factor in spec.prefill_bounds.items():
+        rows[f"prefill_{level}_ms"] = (
+            unbounded if math.isinf(factor) else [(w * factor, b * factor) for w, b in prefill]
+        )
+    for level, (prefill_factor, decode_factor) in spec.total_bounds.items():
+        floor = rows[f"prefill_{level}_ms"]
+        rows[f"total_{level}_ms"] = (
+            unbounded
+            if math.isinf(prefill_factor) or math.isinf(decode_factor) or math.isinf(floor[0][1])
+            else [
+                (w * prefill_factor + decode_w * decode_factor, b * prefill_factor)
+                for w, b in prefill
+            ]
+            + floor
+        )
+    unused = (np.zeros(width), -math.inf)
     quarters = [
         [rows[name][q] if q < len(rows[name]) else unused for name in GEMM_ROWS]
         for q in range(_QUARTERS)
@@ -547,7 +617,8 @@ class FusedPredictor(torch.nn.Module):
         out_bias: Tensor
         prefill_weight: Tensor
         prefill_offset: Tensor
-        total_factors: Tensor
+        total_prefill_factors: Tensor
+        total_decode_factors: Tensor
         floor_factors: Tensor
         decode: GenericDecode | FoldedDecode
 
@@ -555,23 +626,28 @@ class FusedPredictor(torch.nn.Module):
         self, table: PrefillTable, decode: GenericDecode | FoldedPair, spec: OutputSpec
     ) -> None:
         """``decode``: a :class:`GenericDecode`, or a :class:`FoldedPair` whose first layer
-        then shares the first Gemm."""
+        and decode factors then share the first Gemm."""
         super().__init__()
         if table.n_cells > MAX_EXACT_CELLS:
             raise LatkitError(
                 f"prefill table of {table.n_cells:,} cells is above the {MAX_EXACT_CELLS:,} "
                 "a float32 row index addresses exactly; retrain with a smaller max_bin"
             )
+        folded = isinstance(decode, FoldedPair)
         hidden = decode.first if isinstance(decode, FoldedPair) else None
-        layer = first_layer(table, spec.form, hidden)
+        terms = decode.decode.product_terms() if isinstance(decode, FoldedPair) else ()
+        layer = first_layer(table, spec.form, hidden, terms)
         module: GenericDecode | FoldedDecode = (
-            decode
-            if isinstance(decode, GenericDecode)
-            else decode.decode.reading(layer.hidden_slots, layer.weight.shape[1], HIDDEN_SCALE)
+            decode.decode.reading(
+                layer.hidden_slots, layer.weight.shape[1], HIDDEN_SCALE, _PRODUCTS
+            )
+            if isinstance(decode, FoldedPair)
+            else decode
         )
         weight, bias = output_gemm(layer, spec, *module.column_weights())
         self.groups = layer.groups
-        self.register_buffer("first_weight", torch.from_numpy(layer.weight))  # [F, 3G]
+        self.folded = folded
+        self.register_buffer("first_weight", torch.from_numpy(layer.weight))  # [F + 1, 3G]
         self.register_buffer("first_bias", torch.from_numpy(layer.bias))
         # [3G, 1], not [3G]: see the module doc.
         self.register_buffer("strides", torch.from_numpy(layer.strides.reshape(-1, 1).copy()))
@@ -580,35 +656,40 @@ class FusedPredictor(torch.nn.Module):
         self.register_buffer("out_weight", torch.from_numpy(weight))  # [36, G + 1 + C]
         self.register_buffer("out_bias", torch.from_numpy(bias))  # [36, 1]
         # For the budget graph: the prefill rows through the products and through the floor
-        # ([G + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's factor
-        # g and the prefill bound's factor f (total bound: max((P + D) g, P f); the mean's
-        # floor 0 never binds a budget >= 0).
-        rows = len(GEMM_ROWS)
-        prefill_rows = weight[[0, rows], : layer.groups + 1].T.copy()
+        # ([G + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's
+        # factors (f_p, f_d) and the prefill bound's factor f (total bound:
+        # max(P f_p + D f_d, P f); the mean's floor 0 never binds a budget >= 0).
+        prefill_rows = weight[[0, len(GEMM_ROWS)], : layer.groups + 1].T.copy()
         self.register_buffer("prefill_weight", torch.from_numpy(prefill_rows))
         self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
         levels = ("p90", "p95")
-        total_factors = [1.0, *(spec.total_bounds[k] for k in levels)]
+        prefill_factors = [1.0, *(spec.total_bounds[k][0] for k in levels)]
+        decode_factors = [1.0, *(spec.total_bounds[k][1] for k in levels)]
         floor_factors = [0.0, *(spec.prefill_bounds[k] for k in levels)]
-        self.register_buffer("total_factors", torch.tensor(total_factors, dtype=torch.float32))
-        self.register_buffer("floor_factors", torch.tensor(floor_factors, dtype=torch.float32))
+        for name, values in (
+            ("total_prefill_factors", prefill_factors),
+            ("total_decode_factors", decode_factors),
+            ("floor_factors", floor_factors),
+        ):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
         self.decode = module
 
-    def _prefill_parts(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(shared first-layer activations [B, 3G], baseline products x residual factor
-        [B, G], the cell's floor in ms [B, 1])."""
+    def _parts(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], products x residual factor [B, G], the
+        cell's floor in ms [B, 1], products [B, G]) of ``X = [features, output_tokens]``."""
         # hardtanh(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
         first = torch.nn.functional.hardtanh(
-            torch.addmm(self.first_bias, features, self.first_weight), 0.0, 1.0
+            torch.addmm(self.first_bias, inputs, self.first_weight), 0.0, 1.0
         )
         index = torch.matmul(first, self.strides).to(torch.int64)  # [B, 1]
         products = first.reshape(-1, 3, self.groups).prod(1)
-        return first, products * self.table[index], self.floor[index]
+        return first, products * self.table[index], self.floor[index], products
 
-    def front(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(shared first-layer activations [B, 3G], [products x residual, floor] [B, G + 1])."""
-        first, weighted, floor = self._prefill_parts(features)
-        return first, torch.cat([weighted, floor], 1)
+    def front(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], [products x residual, floor] [B, G + 1],
+        products [B, G]) of ``X = [features, output_tokens]`` [B, 6]."""
+        first, weighted, floor, products = self._parts(inputs)
+        return first, torch.cat([weighted, floor], 1), products
 
     def prefill(self, weighted: Tensor) -> Tensor:
         """Calibrated prefill ms [B] of :meth:`front`'s columns (the budget graph's)."""
@@ -618,9 +699,10 @@ class FusedPredictor(torch.nn.Module):
     def forward(
         self, features: Tensor, output_tokens: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        first, weighted, floor = self._prefill_parts(features)
-        columns = self.decode.columns(first, features, output_tokens)
-        stacked = torch.cat([weighted, floor] + columns, 1)  # noqa: RUF005 (TorchScript: no *list)
+        inputs = torch.cat([features, output_tokens.unsqueeze(1)], 1)
+        first, weighted, floor, products = self._parts(inputs)
+        columns = self.decode.columns(first, inputs, products)
+        stacked = torch.cat([weighted, floor] + columns, 1)  # noqa: RUF005 (no *list in TS)
         # [36, B] -> max of the four quarters -> [9, B]: each output one contiguous row (the
         # reshapes and unbind export as Reshape, ReduceMax, Reshape + one Split).
         quarters = torch.addmm(self.out_bias, self.out_weight, stacked.t())
@@ -628,7 +710,7 @@ class FusedPredictor(torch.nn.Module):
         return (
             rows[0],
             rows[1],
-            rows[1] / rows[2],
+            rows[2],
             rows[3],
             rows[4],
             rows[5],

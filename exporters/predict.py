@@ -7,6 +7,7 @@ name (low/medium/high) or an index (0-2). The output is the input plus ``OUTPUT_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from toolkit.features import (
     PREFILL_BOUND_COLUMNS,
     TIERS,
     default_vision_tokens,
-    impossible_inputs,
+    request_problems,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
 )
 EXTRAPOLATED_COLUMN = "extrapolated"
 _NUMERIC = ("vision_tokens", "text_tokens", "top_k", "num_active_blocks", "output_tokens")
+#: ``latkit predict``'s option of each input (single mode's error messages).
+_FLAGS = {"top_k": "--top-k", "num_active_blocks": "--blocks"}
 
 
 def read_table(path: str | Path) -> pl.DataFrame:
@@ -77,8 +80,12 @@ def write_table(frame: pl.DataFrame, path: str | Path) -> None:
             frame.write_csv(tmp)
 
 
-def table_inputs(frame: pl.DataFrame, source: str = "input") -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [B, 5], output_tokens float32 [B]) of a query table, validated."""
+def table_inputs(
+    frame: pl.DataFrame, source: str = "input", num_total_blocks: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [B, 5], output_tokens float32 [B]) of a query table, validated: an
+    impossible request (``toolkit.features.request_problems``) is an error naming the column
+    and the first row."""
     missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
     if missing:
         raise LatkitError(f"{source}: missing column(s) {', '.join(missing)}")
@@ -114,11 +121,17 @@ def table_inputs(frame: pl.DataFrame, source: str = "input") -> tuple[np.ndarray
     columns["tier_idx"] = tier_idx
     features = np.stack([columns[name] for name in FEATURE_NAMES], axis=1).astype(np.float32)
     tokens = columns["output_tokens"].astype(np.float32)
-    problems = impossible_inputs(features, tokens)
+    # Checked on the float64 values read: a float32 cast would hide 4.0000001.
+    raw = np.stack([columns[name] for name in FEATURE_NAMES], axis=1)
+    problems = request_problems(raw, columns["output_tokens"], num_total_blocks)
     if problems:
-        # Row numbers in messages are 1-based like the other input errors.
-        raise LatkitError(f"{source}: impossible input: " + "; ".join(problems))
+        raise LatkitError(f"{source}: impossible input: " + "; ".join(_one_based(problems)))
     return features, tokens
+
+
+def _one_based(problems: list[str]) -> list[str]:
+    """Row numbers in messages 1-based, like the other input errors of a table."""
+    return [re.sub(r"first row (\d+)", lambda m: f"first row {int(m[1]) + 1}", p) for p in problems]
 
 
 @dataclass(frozen=True)
@@ -134,9 +147,9 @@ def predict_file(
     ``extrapolated`` flag) to ``output_file``; ``warnings`` has one line per feature that
     lies beyond the model's supported range."""
     frame = read_table(input_file)
-    features, tokens = table_inputs(frame, str(input_file))
+    features, tokens = table_inputs(frame, str(input_file), model.num_total_blocks)
     out = model.predict(features, tokens)
-    flags, warnings = model.extrapolation(features)
+    flags, warnings = model.extrapolation(features, tokens)
     result = frame.with_columns(
         [pl.Series(name, np.asarray(out[name], dtype=np.float64)) for name in OUTPUT_COLUMNS]
         + [pl.Series(EXTRAPOLATED_COLUMN, flags)]
@@ -202,11 +215,18 @@ def predict_single(
         minimum = FEATURE_MINIMUM[key]
         if not np.isfinite(value) or value < minimum:
             raise LatkitError(f"--{key.replace('_', '-')}: must be a number >= {minimum:g}")
-    features = np.array(
-        [[vision_tokens, text_tokens, index, top_k, num_active_blocks]], dtype=np.float32
-    )
-    out: dict[str, Any] = model.predict(features, np.array([output_tokens], dtype=np.float32))
-    _, warnings = model.extrapolation(features)
+    raw = np.array([[vision_tokens, text_tokens, index, top_k, num_active_blocks]], np.float64)
+    problems = request_problems(raw, np.array([output_tokens]), model.num_total_blocks)
+    if problems:
+        # One line per input, named as its option: "--output-tokens must be >= 1 (...)".
+        first = problems[0].split(":")[0]
+        name, _, rule = first.partition(" must be ")
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        raise LatkitError(f"{flag} {float(values[name]):g}: must be {rule}")
+    features = raw.astype(np.float32)
+    tokens = np.array([output_tokens], dtype=np.float32)
+    out: dict[str, Any] = model.predict(features, tokens)
+    _, warnings = model.extrapolation(features, tokens)
     return SinglePrediction(
         tier=name,
         top_k=int(top_k),

@@ -16,9 +16,21 @@ a level), plus ``out_of_range`` (bool [B]).
 This file deliberately imports nothing from latkit (copy it next to a controller as is):
 feature order, tier names and training ranges come from the model's own metadata.
 
-Threads: a batch-1 query is fastest on one thread (no pool wake-up), so small batches run
+Sessions: a batch-1 query is fastest on one thread (no pool wake-up), so small batches run
 on a single-threaded CPU session. Batches of ``large_batch`` rows or more run on a second
 session with all cores, on the CUDA execution provider when one is usable.
+
+Threads: one ``LatencyPredictor`` may be shared by any number of threads. ``predict``,
+``run``, ``feasible`` and ``max_output_tokens`` return exactly what they return on one thread,
+at any mix of batch sizes. Small batches run on buffers bound to the session (an ONNX Runtime
+IoBinding); a set of them serves one call at a time: a call takes an idle set of its batch size
+from a pool (or binds a new one) and puts it back when done, so concurrent calls never share
+buffers and a set in use is referenced by its call, never freed under ONNX Runtime. The pool
+keeps sets for at most ``MAX_BOUND_BATCH_SIZES`` batch sizes (a new size beyond drops the
+oldest), as many per size as calls of that size ever ran at once. ONNX Runtime releases the
+GIL while it computes, so threads add throughput where cores are free (the Python around a
+call holds it: see the README's "Using the predictor in a service"). Forked worker processes
+(a pre-fork server) may use a predictor made and used before the fork: each has its own copy.
 
 Inputs are validated: wrong shapes, NaN/inf and impossible values (negative token counts,
 top_k or num_active_blocks below 1, a tier other than 0/1/2, values above the exported
@@ -28,15 +40,14 @@ exactly the trained tiers; output tokens: above the widened longest answer), are
 ``out["out_of_range"]`` and, by default, warned about: the physics baseline carries the
 prefill that far, past it a prediction is an extrapolation. ``toolkit.features`` holds the
 same rule (``supported_range``); a test keeps the two copies equal.
-
-One ``LatencyPredictor`` is not meant to be shared between threads (it reuses its output
-buffers); give each thread its own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,6 +85,8 @@ FEATURE_MINIMUM = {
     "num_active_blocks": 1.0,
     "output_tokens": 0.0,
 }
+#: Batch sizes below ``large_batch`` whose bound buffers a predictor keeps (see the module doc).
+MAX_BOUND_BATCH_SIZES = 16
 
 
 class InputError(ValueError):
@@ -98,6 +111,21 @@ def supported_range(name: str, low: float, high: float) -> tuple[float, float]:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _possible_bounds(
+    feature_names: tuple[str, ...], n_tiers: int, limits: tuple[tuple[str, float], ...]
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(lowest, highest) possible value per feature and the tier's column (None: no tier)."""
+    lowest = np.array([FEATURE_MINIMUM.get(name, -np.inf) for name in feature_names])
+    highest = np.array([dict(limits).get(name, np.inf) for name in feature_names])
+    tier = feature_names.index("tier_idx") if "tier_idx" in feature_names else None
+    if tier is not None:  # a tier is 0, 1, ..., n_tiers - 1
+        lowest[tier] = max(lowest[tier], 0.0)
+        highest[tier] = min(highest[tier], n_tiers - 1)
+    lowest.flags.writeable = highest.flags.writeable = False  # shared by every call
+    return lowest, highest, tier
+
+
 def impossible_inputs(
     features: np.ndarray,
     feature_names: Sequence[str] = DEFAULT_FEATURE_NAMES,
@@ -107,25 +135,28 @@ def impossible_inputs(
     """One message per feature with impossible values (below its minimum, a tier other than
     0 .. n_tiers - 1, above ``limits``); empty when every row is possible. Finite inputs
     assumed (``check_inputs`` refuses NaN/inf first)."""
+    limits = limits or {}
+    # Every rule as one [B, F] mask first (a few array operations: this runs on every
+    # query); messages only for the columns it marks.
+    lowest, highest, tier = _possible_bounds(tuple(feature_names), n_tiers, tuple(limits.items()))
+    bad = (features < lowest) | (features > highest)
+    if tier is not None:
+        bad[:, tier] |= features[:, tier] != np.floor(features[:, tier])
+    if not bad.any():
+        return []
     problems = []
-    for f, name in enumerate(feature_names):
-        values = features[:, f]
-        lowest = FEATURE_MINIMUM.get(name, -np.inf)
-        bad = values < lowest
-        what = f">= {lowest:g}"
-        if name == "tier_idx":
-            bad |= ~np.isin(values, np.arange(n_tiers))
+    for f in np.flatnonzero(bad.any(axis=0)).tolist():
+        name, column = feature_names[f], bad[:, f]
+        what = f">= {FEATURE_MINIMUM.get(name, -np.inf):g}"
+        if f == tier:
             what = ", ".join(str(i) for i in range(n_tiers - 1)) + f" or {n_tiers - 1}"
-        limit = (limits or {}).get(name)
-        if limit is not None:
-            bad |= values > limit
-            what += f" and <= {limit:g} (the exported graph's limit)"
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            problems.append(
-                f"{name} must be {what}: {int(bad.sum())} row(s), first row {row} has "
-                f"{values[row]:g}"
-            )
+        if name in limits:
+            what += f" and <= {limits[name]:g} (the exported graph's limit)"
+        row = int(np.flatnonzero(column)[0])
+        problems.append(
+            f"{name} must be {what}: {int(column.sum())} row(s), first row {row} has "
+            f"{features[row, f]:g}"
+        )
     return problems
 
 
@@ -193,6 +224,38 @@ def check_inputs(
     if (n < 0).any():
         raise InputError(f"{name} row {int(np.argmax(n < 0))} is negative")
     return np.ascontiguousarray(x), np.ascontiguousarray(n)
+
+
+class _BoundBuffers:
+    """Input and output buffers of one batch size, bound to a session by an ONNX Runtime
+    IoBinding: a call copies its inputs in, runs, and copies the outputs out, with no OrtValue
+    or array made per tensor. Serves one call at a time (``LatencyPredictor.run``)."""
+
+    __slots__ = ("binding", "features", "output_tokens", "outputs")
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        batch: int,
+        n_features: int,
+        output_names: Sequence[str],
+    ) -> None:
+        self.features = np.empty((batch, n_features), dtype=np.float32)
+        self.output_tokens = np.empty(batch, dtype=np.float32)
+        self.outputs = np.empty((len(output_names), batch), dtype=np.float32)
+        # The binding holds raw pointers into the arrays above: they live as long as this
+        # object, which whoever runs the binding references.
+        self.binding = session.io_binding()
+        self.binding.bind_input(
+            "features", "cpu", 0, np.float32, [batch, n_features], self.features.ctypes.data
+        )
+        self.binding.bind_input(
+            "output_tokens", "cpu", 0, np.float32, [batch], self.output_tokens.ctypes.data
+        )
+        for row, name in enumerate(output_names):
+            self.binding.bind_output(
+                name, "cpu", 0, np.float32, [batch], self.outputs[row].ctypes.data
+            )
 
 
 def _cuda_usable() -> bool:
@@ -275,11 +338,11 @@ class LatencyPredictor:
         )
         limits = self.metadata.get("feature_limits") or {}
         self._limits: dict[str, float] = {k: float(v) for k, v in limits.items()}
-        self._binding_batch = -1
-        self._binding: Any = None
-        self._in_features = np.empty((0, len(self.feature_names)), dtype=np.float32)
-        self._in_tokens = np.empty(0, dtype=np.float32)
-        self._out_block = np.empty((len(self.output_names), 0), dtype=np.float32)
+        # Idle bound buffers per batch size, oldest batch size first (see ``run``). Calls
+        # take and return sets with list.pop / list.append, which are atomic; the dict
+        # changes only under ``_lock``, which also guards the lazily made sessions.
+        self._idle: dict[int, list[_BoundBuffers]] = {}
+        self._lock = threading.Lock()
         self._budget: ort.InferenceSession | None = None
 
     # ------------------------------------------------------------------ sessions
@@ -308,8 +371,12 @@ class LatencyPredictor:
 
     def _large_session(self) -> ort.InferenceSession:
         if self._large is None:
-            threads = self.threads or os.cpu_count() or 1
-            self._large = self._session(threads=threads, cuda=self.device in ("auto", "cuda"))
+            with self._lock:  # one session, however many threads ask at once
+                if self._large is None:
+                    threads = self.threads or os.cpu_count() or 1
+                    self._large = self._session(
+                        threads=threads, cuda=self.device in ("auto", "cuda")
+                    )
         return self._large
 
     @property
@@ -387,7 +454,7 @@ class LatencyPredictor:
             raise InputError("give either a features matrix or keyword columns, not both")
         x, n = self.checked(features, output_tokens)
         flags = self.out_of_range(x, n)
-        if flags.any():
+        if self.on_out_of_range != "flag" and flags.any():
             message = self._range_message(x, n, flags)
             if self.on_out_of_range == "error":
                 raise InputError(message)
@@ -427,44 +494,39 @@ class LatencyPredictor:
         )
 
     def run(self, features: np.ndarray, output_tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """Run validated, contiguous float32 inputs (no checks: the hot path)."""
+        """Run validated, contiguous float32 inputs (no checks: the hot path). Thread-safe."""
         batch = features.shape[0]
         if batch >= self.large_batch:
             session = self._large_session()
             values = session.run(None, {"features": features, "output_tokens": output_tokens})
             return dict(zip(self.output_names, values, strict=True))
-        # Inputs and outputs bound once per batch size to buffers we own: a call then costs
-        # two small copies in, ORT's Run, and one copy out (no OrtValue or array per tensor).
-        if batch != self._binding_batch:
-            self._bind(batch)
-        np.copyto(self._in_features, features)
-        np.copyto(self._in_tokens, output_tokens)
-        self._small.run_with_iobinding(self._binding)
-        block = self._out_block.copy()
+        idle = self._idle.get(batch)
+        if idle is None:
+            idle = self._idle_list(batch)
+        try:
+            bound = idle.pop()
+        except IndexError:  # every set of this size is in use (or none was made yet)
+            bound = _BoundBuffers(self._small, batch, len(self.feature_names), self.output_names)
+        np.copyto(bound.features, features)
+        np.copyto(bound.output_tokens, output_tokens)
+        self._small.run_with_iobinding(bound.binding)
+        block = bound.outputs.copy()
+        # Back to the pool only now: no other call wrote to these buffers meanwhile. A call
+        # that raised drops its set instead (the garbage collector frees it).
+        idle.append(bound)
         return dict(zip(self.output_names, block, strict=True))
 
-    def _bind(self, batch: int) -> None:
-        binding = self._small.io_binding()
-        self._in_features = np.empty((batch, len(self.feature_names)), dtype=np.float32)
-        self._in_tokens = np.empty(batch, dtype=np.float32)
-        binding.bind_input(
-            "features",
-            "cpu",
-            0,
-            np.float32,
-            list(self._in_features.shape),
-            self._in_features.ctypes.data,
-        )
-        binding.bind_input(
-            "output_tokens", "cpu", 0, np.float32, [batch], self._in_tokens.ctypes.data
-        )
-        self._out_block = np.empty((len(self.output_names), batch), dtype=np.float32)
-        for row, name in enumerate(self.output_names):
-            binding.bind_output(
-                name, "cpu", 0, np.float32, [batch], self._out_block[row].ctypes.data
-            )
-        self._binding = binding
-        self._binding_batch = batch
+    def _idle_list(self, batch: int) -> list[_BoundBuffers]:
+        """The pool's list of idle sets of ``batch`` rows, made (and the oldest batch size
+        dropped beyond ``MAX_BOUND_BATCH_SIZES``) under the lock. A dropped size's sets in
+        use stay alive with their calls; they return to a list nobody reads any more."""
+        with self._lock:
+            idle = self._idle.get(batch)
+            if idle is None:
+                while len(self._idle) >= MAX_BOUND_BATCH_SIZES:
+                    del self._idle[next(iter(self._idle))]
+                idle = self._idle[batch] = []
+            return idle
 
     # ------------------------------------------------------------------ budgets
 
@@ -511,19 +573,25 @@ class LatencyPredictor:
         from the exported budget query ``latency_budget.onnx`` beside the predictor:
         ``max_output_tokens`` (``total_ms`` <= budget), ``max_output_tokens_p90`` /
         ``_p95`` (``total_p90_ms`` / ``total_p95_ms`` <= budget; 0 for an unbounded level)."""
+        session = self._budget_session()
+        x, budget = self.checked(features, budget_ms, "budget_ms")
+        values = session.run(None, {"features": x, "budget_ms": budget})
+        names = [o.name for o in session.get_outputs()]
+        return {name: np.asarray(v).astype(np.int64) for name, v in zip(names, values, strict=True)}
+
+    def _budget_session(self) -> ort.InferenceSession:
         if self._budget is None:
             path = self.path.with_name(BUDGET_FILE)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no budget query beside the predictor")
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            self._budget = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        x, budget = self.checked(features, budget_ms, "budget_ms")
-        values = self._budget.run(None, {"features": x, "budget_ms": budget})
-        names = [o.name for o in self._budget.get_outputs()]
-        return {name: np.asarray(v).astype(np.int64) for name, v in zip(names, values, strict=True)}
+            with self._lock:
+                if self._budget is None:
+                    options = ort.SessionOptions()
+                    options.intra_op_num_threads = 1
+                    self._budget = ort.InferenceSession(
+                        str(path), options, providers=["CPUExecutionProvider"]
+                    )
+        return self._budget
 
     def __repr__(self) -> str:
         return f"LatencyPredictor({str(self.path)!r}, outputs={list(self.output_names)})"

@@ -38,6 +38,7 @@ from reports.baselines import (
     LookupTableBaseline,
     OriginalSingleNetwork,
     TreesOnlyPrefill,
+    baseline_training_samples,
     decode_passes,
 )
 from toolkit.atomic import write_json_atomic
@@ -422,6 +423,7 @@ def evaluate_model(
                     "--baselines needs training data: the checkpoint has no "
                     "training_data.parquet; pass --train-results-dir"
                 )
+            train_samples = baseline_training_samples(train_samples, seed)
             fitted_baselines = fit_baselines(
                 train_samples,
                 train_steps,

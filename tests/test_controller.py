@@ -102,9 +102,15 @@ def test_feasibility_rule_uses_safety_and_output_length() -> None:
     table = budget_table(toy_predict, configs, features, budget_ms=budget)
     feasible = dict(zip(table["config"], table["feasible"], strict=True))
     assert feasible == {"low_4_8": True, "high_12_16": False}
+    why_not = dict(zip(table["config"], table["why_not"], strict=True))
+    assert why_not == {"low_4_8": None, "high_12_16": "prefill > budget x 0.8"}
     # With a long expected answer, the decode total no longer fits for either.
     long_answer = budget_table(toy_predict, configs, features, budget_ms=budget, output_tokens=200)
     assert not long_answer["feasible"].any()
+    assert dict(zip(long_answer["config"], long_answer["why_not"], strict=True)) == {
+        "low_4_8": "total > budget",
+        "high_12_16": "prefill > budget x 0.8; total > budget",
+    }
     # A quantile bound is stricter than the mean.
     p95 = budget_table(
         toy_predict, configs, features, budget_ms=float(prefill[0] / 0.8 + 0.01), bound="p95"

@@ -116,6 +116,43 @@ def test_libtorch_executable_matches_python(built, exported) -> None:
     print(f"C++ libtorch batch-1 median: {us:.1f} us")
 
 
+def _self_check(exe: Path, model_file: Path, threads: int, questions: int) -> dict[str, str]:
+    """Run ``--threads`` and return the fields of its report line."""
+    done = subprocess.run(
+        [str(exe), str(model_file), "--threads", str(threads), "--questions", str(questions)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    line = next((ln for ln in done.stderr.splitlines() if "self-check" in ln), "")
+    assert done.returncode == 0 and line, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    assert fields["threads"] == str(threads)
+    return fields
+
+
+def test_onnxruntime_predictor_shared_by_8_threads(built, exported) -> None:
+    """8 std::threads share one Predictor: 100k batch-1 questions with batches of 8 and 75
+    mixed in, every answer bit for bit the single-threaded one."""
+    if "latkit_predict_ort" not in built:
+        pytest.skip("ONNX Runtime C++ executable not built")
+    _, out, _ = exported
+    fields = _self_check(built["latkit_predict_ort"], out / ONNX_FILE, 8, 100_000)
+    assert int(fields["questions"]) > 100_000 and int(fields["rows"]) > int(fields["questions"])
+    assert fields["wrong"] == "0" and fields["errors"] == "0"
+    print(f"C++ ONNX Runtime, 8 threads: {fields['threads_qps']} questions/s")
+
+
+def test_libtorch_predictor_shared_by_8_threads(built, exported) -> None:
+    """The same for libtorch (slower per call, so fewer questions)."""
+    if "latkit_predict_ts" not in built:
+        pytest.skip("libtorch executable not built")
+    _, out, _ = exported
+    fields = _self_check(built["latkit_predict_ts"], out / TORCHSCRIPT_FILE, 8, 10_000)
+    assert fields["wrong"] == "0" and fields["errors"] == "0"
+
+
 def test_bad_csv_fails_with_a_message(built, exported, tmp_path: Path) -> None:
     exe = built.get("latkit_predict_ort") or built.get("latkit_predict_ts")
     if exe is None:

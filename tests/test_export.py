@@ -33,7 +33,10 @@ from exporters.export import (
     threshold_probe_rows,
 )
 from exporters.fused import (
+    DECODE_TERMS,
     FEATURE_LIMITS,
+    M_SCALE,
+    Q_SCALE,
     FusedPredictor,
     GenericDecode,
     baseline_columns,
@@ -222,7 +225,8 @@ def test_first_layer_layout_puts_each_products_factors_on_one_axis(trained) -> N
     table = table_from_model(model)
     pair = fold_decode_net(model.decode_net)
     assert pair is not None
-    layer = first_layer(table, model.prefill.baseline.product_form(), pair.first)
+    terms = pair.decode.product_terms()
+    layer = first_layer(table, model.prefill.baseline.product_form(), pair.first, terms)
     width = layer.weight.shape[1]
     assert width == 3 * layer.groups
     n_thresholds = sum(len(t) for t in table.thresholds)
@@ -232,12 +236,20 @@ def test_first_layer_layout_puts_each_products_factors_on_one_axis(trained) -> N
     assert len(slots) == model.decode_net.hidden
     assert not slots & set(np.flatnonzero(layer.strides).tolist())
     x = torch.from_numpy(_features(64, 9))
+    n = torch.arange(64, dtype=torch.float32) * 37.0  # 0, 37, ... output tokens
     predictor = FusedPredictor(table, pair, output_spec(model)).eval()
     with torch.no_grad():
-        first, weighted = predictor.front(x)
+        first, weighted, products_f32 = predictor.front(torch.cat([x, n.unsqueeze(1)], 1))
         residual = torch.from_numpy(table.lookup(x.numpy())).double()
-    products = first.double().reshape(-1, 3, layer.groups).prod(1)[:, :3]
-    baseline = (products * torch.from_numpy(layer.compensation)).sum(1)
+    products = first.double().reshape(-1, 3, layer.groups).prod(1)
+    torch.testing.assert_close(products.float(), products_f32)
+    baseline = (products[:, :3] * torch.from_numpy(layer.compensation)).sum(1)
+    # The decode products after the baseline's: m, m q, ind, ind q (fused.DECODE_TERMS).
+    m = torch.clamp(n.double() - 1, min=0)
+    q = x[:, 0].double() + x[:, 1].double() + n.double() / 2
+    ind = (n > 1).double()
+    want_decode = torch.stack([m * M_SCALE, m * q * M_SCALE * Q_SCALE, ind, ind * q * Q_SCALE], 1)
+    torch.testing.assert_close(products[:, 3:7], want_decode, rtol=1e-6, atol=0.0)
     want = model.prefill.baseline.predict(x.numpy())
     np.testing.assert_allclose(baseline.numpy(), want, rtol=1e-5)
     np.testing.assert_allclose(
@@ -270,8 +282,10 @@ def test_folded_decode_matches_generic(
     assert (got[1][n <= 1] == 0).all() and (got[2][n <= 1] == 0).all()
     # The budget graph's decode totals (FoldedDecode.totals) are the same function.
     with torch.no_grad():
-        first, _ = folded.front(x)
-        total, per_token = folded.decode.totals(folded.decode.coefficients(first, x), n)
+        inputs = torch.cat([x, n.unsqueeze(1)], 1)
+        first = folded.front(inputs)[0]
+        coef = folded.decode.coefficients(first, inputs)
+        total, per_token = folded.decode.totals(coef, n, x[:, 0] + x[:, 1])
     torch.testing.assert_close(total, want[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(per_token, want[2], rtol=1e-5, atol=1e-5)
 
@@ -304,8 +318,9 @@ def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> 
     n_thresholds = sum(len(t) for t in table.thresholds)
     assert form == "folded"
     width = predictor.first_weight.shape[1]
-    assert width == 3 * predictor.groups >= n_thresholds + model.decode_net.hidden + 9
-    assert width <= n_thresholds + model.decode_net.hidden + 9 + 2  # padding to a multiple of 3
+    products = 3 * (3 + len(DECODE_TERMS))  # baseline and decode factors
+    assert width == 3 * predictor.groups >= n_thresholds + model.decode_net.hidden + products
+    assert width <= n_thresholds + model.decode_net.hidden + products + 2  # to a multiple of 3
     proto = onnx_model_proto(predictor)
     ops = [node.op_type for node in proto.graph.node]
     assert "HardSigmoid" in ops and "Sign" not in ops, ops
@@ -314,12 +329,13 @@ def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> 
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
-    # One layer: 19 nodes for nine outputs: Gemm (+HardSigmoid), MatMul, Cast, Gather,
-    # Reshape, ReduceProd, Mul, Gather [prefill = max(floor, baseline x residual)]; Gemm
-    # (+Softplus), Unsqueeze, Gemm (+Relu), Pow, Mul [decode]; Concat, Gemm (Transpose
-    # fused), Reshape, ReduceMax [the max of each output's candidates], Split, Div
-    # [outputs]. Each further hidden layer adds one fused Gemm.
-    assert len(optimized) <= 18 + model.decode_net.n_layers, optimized
+    # One layer: 18 nodes for nine outputs: Unsqueeze, Concat [X = features, output_tokens];
+    # Gemm (+HardSigmoid), MatMul, Cast, Gather, Reshape, ReduceProd, Mul, Gather [prefill =
+    # max(floor, baseline x residual), and the decode products]; Gemm (+Softplus), Slice, Mul
+    # [decode terms]; Concat, Gemm (Transpose fused), Reshape, ReduceMax [the max of each
+    # output's candidates], Split [outputs]. Each further hidden layer adds one fused Gemm.
+    assert len(optimized) <= 17 + model.decode_net.n_layers, optimized
+    assert "Pow" not in optimized and "Div" not in optimized, optimized
     assert optimized.count("ReduceMax") == 1 and "Max" not in optimized, optimized
 
 
@@ -601,10 +617,12 @@ def test_recalibrated_model_exports_with_its_calibration(trained, tmp_path: Path
     """A model moved to another machine (``with_calibration``): prefill and every decode pass
     mapped affinely, bounds recalibrated. The export carries all of it into the graph."""
     model, _ = trained
-    # Total factors below the prefill's: total_pXX = max(total x g, prefill_pXX) takes the
-    # prefill bound for short answers and the total's for long ones; both are exercised.
+    # Total factors below the prefill's: total_pXX = max(prefill f_p + decode f_d,
+    # prefill_pXX) takes the prefill bound for short answers and the total's for long ones;
+    # both are exercised, with a decode factor unlike the prefill's.
     bounds = ConformalBounds(
-        prefill={"p50": 0.97, "p90": 1.3, "p95": 1.5}, total={"p90": 1.1, "p95": 1.2}
+        prefill={"p50": 0.97, "p90": 1.3, "p95": 1.5},
+        total={"p90": (1.1, 1.15), "p95": (1.2, 1.35)},
     )
     calibrated = model.with_calibration(Calibration(1.3, 2.0, 0.8, 0.25, "affine", 10), bounds)
     result = export_model(calibrated, tmp_path, formats=["torchscript", "onnx"])
@@ -622,7 +640,8 @@ def test_recalibrated_model_exports_with_its_calibration(trained, tmp_path: Path
     floor = got["total_p95_ms"] == got["prefill_p95_ms"]
     assert floor.any() and not floor.all()
     np.testing.assert_allclose(got["total_p95_ms"][floor], want["prefill_ms"][floor] * 1.5, 1e-5)
-    np.testing.assert_allclose(got["total_p95_ms"][~floor], want["total_ms"][~floor] * 1.2, 1e-5)
+    bound = want["prefill_ms"] * 1.2 + want["decode_total_ms"] * 1.35
+    np.testing.assert_allclose(got["total_p95_ms"][~floor], bound[~floor], 1e-5)
 
 
 def test_prefill_scale_alone_is_calibrated_too(trained, tmp_path: Path) -> None:
@@ -643,7 +662,7 @@ def test_unbounded_levels_stay_infinite_in_both_formats(trained, tmp_path: Path)
     model, _ = trained
     inf = float("inf")
     bounds = ConformalBounds(
-        prefill={"p50": 0.98, "p90": 1.1, "p95": inf}, total={"p90": 1.2, "p95": inf}
+        prefill={"p50": 0.98, "p90": 1.1, "p95": inf}, total={"p90": (1.2, 1.3), "p95": (inf, inf)}
     )
     calibrated = model.with_calibration(Calibration(1.1, -0.5, 1.2, 0.1, "affine", 5), bounds)
     result = export_model(calibrated, tmp_path)

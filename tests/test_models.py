@@ -23,7 +23,13 @@ from toolkit.models import (
     decode_basis_prefix_sum,
     decode_outputs,
 )
-from toolkit.models.hybrid import _build_decode_data, decode_loss_terms
+from toolkit.models.decode import (
+    DEFAULT_INPUTS,
+    KV_UNIT,
+    decode_pass_ms,
+    prompt_tokens,
+)
+from toolkit.models.decode_training import build_decode_data, decode_loss_terms
 from toolkit.training import split_samples
 
 # Small, quick trees: the tests check behaviour, not accuracy.
@@ -68,44 +74,74 @@ def saved(fitted: HybridLatencyModel, tmp_path_factory: pytest.TempPathFactory) 
 # -- decode basis --------------------------------------------------------------------------
 
 
+PROMPTS = (0.0, 300.0, 2531.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_prefix_sum_equals_explicit_sum(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prefix_sum_equals_explicit_sum(dtype: torch.dtype, prompt: float) -> None:
+    p = torch.tensor(prompt, dtype=torch.float64)
     for m in [0, 1, 2, 3, 7, 8, 63, 64, 65, 200, 1000, 4096]:
-        explicit = decode_basis(torch.arange(1, m + 1, dtype=torch.float64)).sum(0)
-        closed = decode_basis_prefix_sum(torch.tensor(float(m), dtype=dtype)).double()
+        explicit = decode_basis(torch.arange(1, m + 1, dtype=torch.float64), p).sum(0)
+        closed = decode_basis_prefix_sum(
+            torch.tensor(float(m), dtype=dtype), torch.tensor(prompt, dtype=dtype)
+        ).double()
         assert closed.shape == (N_BASIS,)
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         torch.testing.assert_close(closed, explicit, rtol=tol, atol=tol)
 
 
 def test_prefix_sum_is_zero_for_no_passes() -> None:
-    out = decode_basis_prefix_sum(torch.tensor([-3.0, -1.0, 0.0]))
+    out = decode_basis_prefix_sum(torch.tensor([-3.0, -1.0, 0.0]), torch.tensor(500.0))
     assert torch.equal(out, torch.zeros(3, N_BASIS))
 
 
 def test_decode_outputs_equal_sum_of_pass_times() -> None:
+    """The closed-form total is the explicit sum of the passes, for every answer length."""
     torch.manual_seed(0)
     coef = torch.rand(6, N_BASIS, dtype=torch.float64) * 5
-    tokens = torch.tensor([0.0, 1.0, 2.0, 3.0, 17.0, 300.0], dtype=torch.float64)
-    total, per_token = decode_outputs(coef, tokens)
+    tokens = torch.tensor([0.0, 1.0, 2.0, 3.0, 17.0, 3000.0], dtype=torch.float64)
+    prompt = torch.tensor([300.0, 2500.0, 432.0, 0.0, 1100.0, 1872.0], dtype=torch.float64)
+    total, per_token = decode_outputs(coef, tokens, prompt)
     for i, n in enumerate(tokens.tolist()):
         passes = max(int(n) - 1, 0)
-        explicit = (coef[i] * decode_basis(torch.arange(1, passes + 1, dtype=torch.float64))).sum()
+        k = torch.arange(1, passes + 1, dtype=torch.float64)
+        explicit = (coef[i] * decode_basis(k, prompt[i])).sum()
         torch.testing.assert_close(total[i], explicit, rtol=1e-12, atol=1e-12)
         expected_pt = explicit / passes if passes else torch.zeros((), dtype=torch.float64)
         torch.testing.assert_close(per_token[i], expected_pt, rtol=1e-12, atol=1e-12)
     assert per_token[0] == 0 and per_token[1] == 0
 
 
-def test_decode_net_positive_and_non_decreasing_in_k() -> None:
+def test_pass_time_is_linear_in_the_kv_length() -> None:
+    """Per-pass time = a + c (P + k) / KV_UNIT: non-decreasing in k, exactly linear (no
+    curvature at any length), and the prompt enters through the same slope as k."""
     torch.manual_seed(0)
     net = DecodeNet()
     features = torch.tensor([[288.0, 40.0, 0.0, 4.0, 8.0], [2304.0, 300.0, 2.0, 12.0, 16.0]])
     coef = net(features)
     assert coef.shape == (2, N_BASIS) and bool((coef >= 0).all())
-    passes = (coef.unsqueeze(1) * decode_basis(torch.arange(1.0, 400.0)).unsqueeze(0)).sum(-1)
-    assert bool((passes > 0).all())
-    assert bool((passes[:, 1:] >= passes[:, :-1]).all())
+    k = torch.arange(1.0, 4097.0)
+    passes = decode_pass_ms(coef, k.expand(2, -1), prompt_tokens(features))
+    assert bool((passes > 0).all()) and bool((passes[:, 1:] >= passes[:, :-1]).all())
+    slope = passes[:, 1:] - passes[:, :-1]
+    want = (coef[:, 1:] / KV_UNIT).expand_as(slope)
+    torch.testing.assert_close(slope, want, rtol=1e-3, atol=1e-6)
+    shifted = features.clone()
+    shifted[:, 1] += 100.0  # 100 more prompt tokens = the passes 100 positions later
+    later = decode_pass_ms(net(shifted), k[:-100].expand(2, -1), prompt_tokens(shifted))
+    torch.testing.assert_close(later, passes[:, 100:], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_net_sees_only_its_inputs() -> None:
+    torch.manual_seed(0)
+    net = DecodeNet()
+    assert net.inputs == DEFAULT_INPUTS
+    a = torch.tensor([[288.0, 40.0, 1.0, 8.0, 12.0]])
+    b = torch.tensor([[2016.0, 400.0, 1.0, 8.0, 12.0]])  # other token counts, same config
+    torch.testing.assert_close(net(a), net(b))
+    with pytest.raises(ValueError, match="decode inputs"):
+        DecodeNet(inputs=("experts",))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -114,8 +150,8 @@ def test_decode_functions_are_torchscript_able() -> None:
     x = torch.tensor([[288.0, 40.0, 0.0, 4.0, 8.0]])
     assert scripted(x).shape == (1, N_BASIS)
     fn = torch.jit.script(decode_outputs)
-    total, _ = fn(torch.ones(1, N_BASIS), torch.tensor([5.0]))
-    expected, _ = decode_outputs(torch.ones(1, N_BASIS), torch.tensor([5.0]))
+    total, _ = fn(torch.ones(1, N_BASIS), torch.tensor([5.0]), torch.tensor([300.0]))
+    expected, _ = decode_outputs(torch.ones(1, N_BASIS), torch.tensor([5.0]), torch.tensor([300.0]))
     torch.testing.assert_close(total, expected)
 
 
@@ -128,7 +164,7 @@ def test_per_pass_loss_equals_flat_per_step_mse(frames: tuple[pl.DataFrame, pl.D
     samples = samples.head(40)
     steps = steps.join(samples.select("sample_key"), on="sample_key", how="semi")
     scale = 3.0
-    data = _build_decode_data(samples, steps, scale)
+    data = build_decode_data(samples, steps, scale)
     assert data.n_steps == steps.height
     torch.manual_seed(0)
     coef = (torch.rand(data.n, N_BASIS) * 4).requires_grad_(True)
@@ -139,12 +175,17 @@ def test_per_pass_loss_equals_flat_per_step_mse(frames: tuple[pl.DataFrame, pl.D
 
     usable = samples.with_row_index("_row").filter(pl.col("n_decode_passes") > 0)
     pos = usable.select("sample_key").with_row_index("_pos")
-    flat = steps.join(pos, on="sample_key")
+    flat = steps.join(pos, on="sample_key").join(
+        samples.select("sample_key", "vision_tokens", "text_tokens"), on="sample_key"
+    )
     rows = torch.from_numpy(flat["_pos"].to_numpy().astype(np.int64))
     k = torch.from_numpy(flat["k"].to_numpy().astype(np.float32))
     t = torch.from_numpy(flat["T_decode_pass"].to_numpy().astype(np.float32))
+    prompt = torch.from_numpy(
+        (flat["vision_tokens"] + flat["text_tokens"]).to_numpy().astype(np.float32)
+    )
     coef2 = coef.detach().clone().requires_grad_(True)
-    pred = (coef2[rows] * decode_basis(k)).sum(-1)
+    pred = (coef2[rows] * decode_basis(k, prompt)).sum(-1)
     flat_loss = (((pred - t) / scale) ** 2).mean()
     flat_loss.backward()
     torch.testing.assert_close(pass_loss, flat_loss, rtol=2e-4, atol=1e-6)
@@ -154,19 +195,25 @@ def test_per_pass_loss_equals_flat_per_step_mse(frames: tuple[pl.DataFrame, pl.D
 def test_summed_sequence_loss_matches_explicit(frames: tuple[pl.DataFrame, pl.DataFrame]) -> None:
     samples, _ = frames
     samples = samples.head(30).filter(pl.col("n_decode_passes") > 0)
-    data = _build_decode_data(samples, None, 2.0)
+    data = build_decode_data(samples, None, 2.0)
     coef = torch.rand(data.n, N_BASIS, dtype=torch.float32) * 3
+
+    def explicit_total(i: int, row: dict[str, float]) -> float:
+        k = torch.arange(1.0, row["n_decode_passes"] + 1)
+        prompt = torch.tensor(float(row["vision_tokens"] + row["text_tokens"]))
+        return float((coef[i] * decode_basis(k, prompt)).sum())
+
     seq_loss, _, _ = decode_loss_terms(coef, data.packed, 2.0)
     errs = []
     for i, row in enumerate(samples.iter_rows(named=True)):  # the per-sample reference loop
         n = row["n_decode_passes"]
-        pred = float((coef[i] * decode_basis(torch.arange(1.0, n + 1))).sum())
+        pred = explicit_total(i, row)
         errs.append(((pred - row["T_LLM_decode"]) / (2.0 * n)) ** 2)
     assert float(seq_loss) == pytest.approx(float(np.mean(errs)), rel=1e-4)
     log_loss, _, _ = decode_loss_terms(coef, data.packed, 2.0, "log")
     log_errs = []
     for i, row in enumerate(samples.iter_rows(named=True)):
-        pred = float((coef[i] * decode_basis(torch.arange(1.0, row["n_decode_passes"] + 1))).sum())
+        pred = explicit_total(i, row)
         log_errs.append((np.log(pred) - np.log(row["T_LLM_decode"])) ** 2)
     assert float(log_loss) == pytest.approx(float(np.mean(log_errs)), rel=1e-4)
 

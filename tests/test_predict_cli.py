@@ -14,6 +14,7 @@ from synthetic import fit_small_model
 from exporters.predict import OUTPUT_COLUMNS
 from toolkit.cli import main
 from toolkit.errors import LatkitError
+from toolkit.features import OUTPUT_TOKENS_MULTIPLE
 from toolkit.models.hybrid import HybridLatencyModel
 
 
@@ -33,7 +34,7 @@ def _queries() -> pl.DataFrame:
             "tier": ["medium", "low", "high", "1"],
             "top_k": [8, 4, 12, 6],
             "num_active_blocks": [12, 8, 16, 10],
-            "output_tokens": [24, 0, 1, 2],
+            "output_tokens": [24, 1, 1, 2],
         }
     )
 
@@ -176,18 +177,19 @@ def test_single_mode_needs_its_flags(checkpoint) -> None:
 
 
 def test_single_mode_warns_once_per_feature_beyond_the_margin(checkpoint) -> None:
-    """Synthetic training range: top_k 4-12, blocks 8-16; supported up to 16 and 20."""
+    """Synthetic training range: top_k 4-12, blocks 8-16; supported 1-16 and 4-20 (blocks
+    above the model's 16 are impossible, an error: see the impossible-request tests)."""
     _, ckpt = checkpoint
     args = ["--checkpoint", str(ckpt), "--tier", "medium", "--text-tokens", "60"]
     args += ["--output-tokens", "8", "--vision-tokens", "1008"]
-    inside = CliRunner().invoke(main, ["predict", *args, "--top-k", "16", "--blocks", "20"])
+    inside = CliRunner().invoke(main, ["predict", *args, "--top-k", "16", "--blocks", "4"])
     assert inside.exit_code == 0 and "warning" not in inside.output
-    beyond = CliRunner().invoke(main, ["predict", *args, "--top-k", "99", "--blocks", "21"])
+    beyond = CliRunner().invoke(main, ["predict", *args, "--top-k", "99", "--blocks", "3"])
     assert beyond.exit_code == 0, beyond.output
     warnings = [line for line in beyond.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2
     assert "top_k 99 is beyond the training range 4-12" in warnings[0]
-    assert "num_active_blocks 21" in warnings[1]
+    assert "num_active_blocks 3" in warnings[1]
     assert "T_prefill_total" in beyond.stdout and "warning" not in beyond.stdout
 
 
@@ -220,6 +222,84 @@ def test_impossible_batch_inputs_are_errors(
     queries.with_columns(pl.Series(column, values)).write_csv(src)
     result = _run_file(ckpt, src, tmp_path / "o.csv")
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("top_k", 4.5, "top_k must be a whole number: 1 row(s), first row 2 has 4.5"),
+        ("output_tokens", 0, "output_tokens must be >= 1"),
+        ("output_tokens", 8.5, "output_tokens must be a whole number"),
+        ("text_tokens", 30.25, "text_tokens must be a whole number"),
+        ("num_active_blocks", 99, "num_active_blocks must be <= 16 (the model has 16 blocks)"),
+    ],
+)
+def test_impossible_requests_in_a_batch_are_errors(
+    checkpoint, tmp_path: Path, column: str, value: float, message: str
+) -> None:
+    """A request the profiled model cannot run is an error, not an extrapolation: counts
+    that are not whole, an answer of no token, more blocks than the model has (16, read from
+    the training data's num_total_blocks and kept in the manifest)."""
+    model, ckpt = checkpoint
+    assert model.num_total_blocks == 16
+    values = _queries()[column].cast(pl.Float64).to_list()
+    values[1] = value
+    src = tmp_path / "in.csv"
+    _queries().with_columns(pl.Series(column, values)).write_csv(src)
+    result = _run_file(ckpt, src, tmp_path / "o.csv")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--output-tokens", "0", "--output-tokens 0: must be >= 1"),
+        ("--output-tokens", "8.5", "--output-tokens 8.5: must be a whole number"),
+        ("--blocks", "99", "--blocks 99: must be <= 16 (the model has 16 blocks)"),
+        ("--text-tokens", "60.5", "--text-tokens 60.5: must be a whole number"),
+    ],
+)
+def test_impossible_single_requests_are_errors(
+    checkpoint, flag: str, value: str, message: str
+) -> None:
+    _, ckpt = checkpoint
+    args = {"--tier": "medium", "--top-k": "8", "--blocks": "12", "--text-tokens": "60"}
+    args["--output-tokens"] = "8"
+    args[flag] = value
+    result = _run("--checkpoint", str(ckpt), *[x for pair in args.items() for x in pair])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_long_answers_are_flagged_beyond_the_supported_multiple(checkpoint, tmp_path: Path) -> None:
+    """Decode is trusted to OUTPUT_TOKENS_MULTIPLE x the longest trained answer (24 tokens
+    in the synthetic data): beyond it single mode warns naming output_tokens and batch mode
+    flags the row; a top_k beyond the grid stays a warning (the format does not say how
+    many experts the model has)."""
+    model, ckpt = checkpoint
+    longest = model.manifest["training_summary"]["output_tokens_range"][1]
+    limit = OUTPUT_TOKENS_MULTIPLE * longest
+    assert model.supported_output_tokens() == limit
+    args = ["--checkpoint", str(ckpt), "--tier", "medium", "--top-k", "8", "--blocks", "12"]
+    args += ["--text-tokens", "60"]
+    far = _run(*args, "--output-tokens", "5000")
+    assert far.exit_code == 0, far.output
+    warnings = [line for line in far.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "output_tokens 5000" in warnings[0], far.stderr
+    near = _run(*args, "--output-tokens", str(int(limit)))
+    assert near.exit_code == 0 and "warning" not in near.stderr
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    _queries().with_columns(pl.Series("output_tokens", [20, 5000, 1, int(limit) + 1])).write_csv(
+        src
+    )
+    result = _run_file(ckpt, src, dst)
+    assert result.exit_code == 0, result.output
+    assert pl.read_csv(dst)["extrapolated"].to_list() == [False, True, False, True]
+    assert f"output_tokens {int(limit) + 1}, 5000 is beyond" in result.stderr
+    many_experts = _run(*args[:4], "--top-k", "99", *args[6:], "--output-tokens", "8")
+    assert many_experts.exit_code == 0 and "top_k 99" in many_experts.stderr
 
 
 def test_model_refuses_impossible_inputs(checkpoint) -> None:

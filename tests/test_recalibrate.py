@@ -17,7 +17,13 @@ from toolkit.data import load_results
 from toolkit.metrics import regression_metrics
 from toolkit.models.calibration import Calibration
 from toolkit.models.hybrid import HybridLatencyModel
-from toolkit.recalibrate import calibration_split, fit_calibration, recalibrate
+from toolkit.recalibrate import (
+    _affine_maps,
+    _Targets,
+    calibration_split,
+    fit_calibration,
+    recalibrate,
+)
 
 PREFILL_SCALE, PREFILL_OFFSET = 1.6, 3.0
 PASS_SCALE, PASS_OFFSET = 0.7, 0.5
@@ -105,6 +111,70 @@ def test_calibration_round_trips_through_the_artifact(
     )
 
 
+def _random_calibration(n: int, seed: int) -> tuple[dict[str, np.ndarray], _Targets]:
+    """Source predictions and target times of ``n`` samples, some without decode passes."""
+    rng = np.random.default_rng(seed)
+    prefill = rng.uniform(50, 500, n)
+    passes = rng.integers(0, 12, n).astype(np.float64)
+    passes[:3] = 0
+    decode = passes * rng.uniform(5, 30, n)
+    predicted = {"prefill_ms": prefill, "decode_total_ms": decode}
+    targets = _Targets(
+        prefill_ms=1.7 * prefill + 4 + rng.normal(0, 3, n),
+        decode_total_ms=np.where(passes > 0, 0.6 * decode + 0.8 * passes + rng.normal(0, 1, n), 0),
+        passes=passes,
+    )
+    return predicted, targets
+
+
+def test_the_affine_fit_is_relative_least_squares() -> None:
+    predicted, targets = _random_calibration(40, seed=3)
+    (scale, offset), _ = _affine_maps(predicted, targets, leave_one_out=False)
+    weight = 1 / targets.prefill_ms
+    design = np.stack([predicted["prefill_ms"], np.ones(40)], axis=1) * weight[:, None]
+    want, *_ = np.linalg.lstsq(design, targets.prefill_ms * weight, rcond=None)
+    np.testing.assert_allclose([scale[0], offset[0]], want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_leave_one_out_maps_equal_a_fit_without_each_sample(seed: int) -> None:
+    n = 25
+    predicted, targets = _random_calibration(n, seed)
+    if seed == 1:
+        # Two samples whose prefill is wildly off: without them the offset changes a lot.
+        targets.prefill_ms[5] *= 40
+        targets.prefill_ms[9] = 0.01
+    if seed == 2:
+        # Decode passes on only two samples: leaving one out leaves a scale-only fit.
+        targets.passes[2:] = 0
+        targets.passes[:2] = (3, 5)
+        predicted["decode_total_ms"][:2] = (40, 70)
+        targets.decode_total_ms[:2] = (20, 30)
+    loo = _affine_maps(predicted, targets, leave_one_out=True)
+    for i in range(n):
+        keep = np.arange(n) != i
+        subset = _Targets(
+            targets.prefill_ms[keep], targets.decode_total_ms[keep], targets.passes[keep]
+        )
+        one = _affine_maps({k: v[keep] for k, v in predicted.items()}, subset, leave_one_out=False)
+        for stage in (0, 1):
+            for part in (0, 1):
+                # Same sums added in another order: equal to rounding (the extreme weights
+                # of seed 1 make the 2x2 normal equations lose a few more digits).
+                np.testing.assert_allclose(
+                    loo[stage][part][i], one[stage][part][0], rtol=1e-7, atol=1e-9
+                )
+
+
+def test_one_calibration_sample_is_enough(
+    small_trained: tuple[HybridLatencyModel, Path, Path], target_dir: Path
+) -> None:
+    model, _, _ = small_trained
+    calibrated, calibration, _ = recalibrate(model, load_results(target_dir).samples, 1)
+    assert calibration.height == 1 and calibrated.calibration.n_samples == 1
+    assert calibrated.bounds.total["p95"] == np.inf  # one score bounds nothing
+
+
 def test_bad_calibration_block_is_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         Calibration.from_dict(
@@ -174,6 +244,19 @@ def test_recalibrate_cli_with_curve(
         ],
     )
     assert missing.exit_code == 2
+
+
+def test_recalibrate_cli_refuses_more_samples_than_the_target_has(
+    small_trained: tuple[Any, Path, Path], target_dir: Path, tmp_path: Path
+) -> None:
+    _, ckpt, _ = small_trained
+    n_target = load_results(target_dir).n_samples
+    args = ["recalibrate", "--checkpoint", str(ckpt), "--results-dir", str(target_dir)]
+    args += ["--output-dir", str(tmp_path / "out"), "--samples", str(n_target + 1)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert f"holds only {n_target} usable samples" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_recalibrated_model_exports_with_parity(

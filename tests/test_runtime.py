@@ -248,3 +248,25 @@ def test_cuda_provider_agrees(exported) -> None:
     # Same table cell on both (TF32 off): a wrong cell is a whole tree step (percent) off;
     # the baseline's float32 products may round differently on the GPU (1e-7).
     np.testing.assert_allclose(out["prefill_ms"], cpu["prefill_ms"], rtol=2e-6)
+
+
+def test_impossible_rules_are_the_toolkits() -> None:
+    """The runtime's copy of the impossible-input rules flags the same fields as
+    ``toolkit.features.impossible_inputs`` on random rows with impossible values mixed in."""
+    rng = np.random.default_rng(0)
+    bad_values = [-1.0, -0.5, 0.0, 0.5, 1.5, 2.5, 3.0, 7.0]
+    for _ in range(300):
+        x = np.column_stack(
+            [
+                rng.integers(0, 3000, 6),
+                rng.integers(0, 300, 6),
+                rng.integers(0, 3, 6),
+                rng.integers(1, 17, 6),
+                rng.integers(1, 17, 6),
+            ]
+        ).astype(np.float32)
+        for _ in range(rng.integers(0, 3)):
+            x[rng.integers(0, 6), rng.integers(0, 5)] = rng.choice(bad_values)
+        flagged = [m.split(" must be")[0] for m in runtime.impossible_inputs(x)]
+        want = [m.split(" must be")[0] for m in features_module.impossible_inputs(x)]
+        assert flagged == want, x

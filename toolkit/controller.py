@@ -15,6 +15,7 @@ own: it adds the mean decode total to ``prefill_p50_ms``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -152,13 +153,16 @@ def budget_table(
     bound: str = "mean",
     rank: str = "fastest",
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    supported_output_tokens: float = math.inf,
 ) -> pl.DataFrame:
     """Every configuration with its estimate, feasibility and output room, ranked.
 
     Columns: config, tier, top_k, num_active_blocks, vision_tokens, text_tokens,
     prefill_ms (the chosen bound), decode_total_ms (mean) and total_ms (the chosen bound's
     total, ``spent_ms``; both at ``output_tokens``, null without it), max_output_tokens,
-    feasible. Feasible rows come first, then
+    output_extrapolated (max_output_tokens lies beyond ``supported_output_tokens``, the
+    longest answer the model's decode is trusted for), feasible, why_not (the rules an
+    infeasible row breaks, null when feasible). Feasible rows come first, then
     ``rank``: "fastest" (lowest estimate first) or "quality" (highest tier, top_k and
     blocks first: the most capable configuration that fits leads); ties keep grid order.
     """
@@ -174,13 +178,18 @@ def budget_table(
     n_tokens = np.full(features.shape[0], output_tokens or 1, dtype=np.float32)
     out = predict(features, n_tokens)
     prefill = np.asarray(out[BOUNDS[bound]], dtype=np.float64)
-    feasible = prefill <= budget_ms * safety
+    prefill_fits = prefill <= budget_ms * safety
+    feasible = prefill_fits.copy()
+    why_not = np.where(prefill_fits, "", f"prefill > budget x {safety:g}")
     decode_total: np.ndarray | None = None
     total: np.ndarray | None = None
     if output_tokens is not None:
         decode_total = np.asarray(out["decode_total_ms"], dtype=np.float64)
         total = spent_ms(out, bound)
-        feasible &= total <= budget_ms
+        total_fits = total <= budget_ms
+        feasible &= total_fits
+        both = np.char.add(why_not, np.where(prefill_fits, "", "; "))
+        why_not = np.where(total_fits, why_not, np.char.add(both, "total > budget"))
     room = max_output_tokens(predict, features, budget_ms, bound=bound, max_tokens=max_tokens)
     frame = pl.DataFrame(
         {
@@ -194,9 +203,15 @@ def budget_table(
             "decode_total_ms": decode_total,
             "total_ms": total,
             "max_output_tokens": room,
+            "output_extrapolated": room > supported_output_tokens,
             "feasible": feasible,
+            "why_not": [reason or None for reason in why_not.tolist()],
         },
-        schema_overrides={"decode_total_ms": pl.Float64, "total_ms": pl.Float64},
+        schema_overrides={
+            "decode_total_ms": pl.Float64,
+            "total_ms": pl.Float64,
+            "why_not": pl.String,
+        },
     ).with_row_index("_grid_order")
     if rank == "fastest":
         order = [pl.col("total_ms" if output_tokens is not None else "prefill_ms")]
@@ -223,6 +238,7 @@ def answer_budget(
     bound: str = "mean",
     rank: str = "fastest",
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    supported_output_tokens: float = math.inf,
 ) -> pl.DataFrame:
     """``budget_table`` for one request over ``configs`` (default: the whole 75-point grid)."""
     chosen = list(configs) if configs is not None else knob_grid()
@@ -237,6 +253,7 @@ def answer_budget(
         bound=bound,
         rank=rank,
         max_tokens=max_tokens,
+        supported_output_tokens=supported_output_tokens,
     )
 
 
@@ -249,12 +266,20 @@ def format_budget_table(table: pl.DataFrame, budget_ms: float, bound: str, safet
         f"{n_ok} of {table.height} configurations feasible",
         f"{'config':<14}{'vision':>8}{'prefill ms':>12}"
         + (f"{'total ms':>11}" if has_total else "")
-        + f"{'max output':>12}{'feasible':>10}",
+        + f"{'max output':>12}{'feasible':>10}  why not",
     ]
+    beyond = "output_extrapolated" in table.columns and bool(table["output_extrapolated"].any())
     for row in table.iter_rows(named=True):
         total = f"{row['total_ms']:>11.2f}" if has_total else ""
+        room = f"{row['max_output_tokens']}" + ("*" if row.get("output_extrapolated") else "")
         lines.append(
             f"{row['config']:<14}{row['vision_tokens']:>8}{row['prefill_ms']:>12.2f}{total}"
-            f"{row['max_output_tokens']:>12}{'yes' if row['feasible'] else 'no':>10}"
+            f"{room:>12}{'yes' if row['feasible'] else 'no':>10}"
+            + (f"  {row['why_not']}" if row["why_not"] else "")
+        )
+    if beyond:
+        lines.append(
+            "* beyond the longest answer the model's decode is trusted for (a stated multiple "
+            "of the longest trained answer): an extrapolation"
         )
     return "\n".join(lines)

@@ -136,6 +136,19 @@ def supported_range(name: str, low: float, high: float) -> tuple[float, float]:
     )
 
 
+#: How far beyond the longest trained answer decode is trusted, as a multiple of its output
+#: tokens: the growth of decode with the answer's length was measured to hold that far (a
+#: model trained on the bundled small sweep, answers of at most 52 tokens, against the
+#: long-answer sweep's 128-448 tokens; README "Measured"). Beyond it a prediction is flagged.
+OUTPUT_TOKENS_MULTIPLE: Final[float] = 8.0
+
+
+def supported_output_tokens(longest_trained: float) -> float:
+    """The largest output length answered without an extrapolation flag by a model whose
+    longest training answer had ``longest_trained`` output tokens."""
+    return OUTPUT_TOKENS_MULTIPLE * float(longest_trained)
+
+
 def impossible_inputs(features: np.ndarray, output_tokens: np.ndarray | None = None) -> list[str]:
     """One message per feature with impossible values (below ``FEATURE_MINIMUM``, NaN/inf,
     or a tier other than 0, 1, 2); empty when every row is possible."""
@@ -154,5 +167,59 @@ def impossible_inputs(features: np.ndarray, output_tokens: np.ndarray | None = N
             problems.append(
                 f"{name} must be {what}: {int(bad.sum())} row(s), "
                 f"first row {row} has {values[row]:g}"
+            )
+    return problems
+
+
+#: Inputs that count things: a request with a fractional value of one is impossible.
+INTEGER_INPUTS: Final[tuple[str, ...]] = (
+    "vision_tokens",
+    "text_tokens",
+    "top_k",
+    "num_active_blocks",
+    "output_tokens",
+)
+
+
+def request_problems(
+    features: np.ndarray,
+    output_tokens: np.ndarray,
+    num_total_blocks: int | None = None,
+) -> list[str]:
+    """What makes a user's request impossible (one message per input; empty when every row is
+    possible): ``impossible_inputs``, plus counts that are not whole numbers, an answer of no
+    token (``output_tokens`` < 1: the first token comes out of prefill), and more active blocks
+    than the model has (``num_total_blocks``, from the training data, when known).
+
+    The models themselves answer any finite, non-negative input (a dense grid of fractional
+    knob values is how monotonicity is tested); this is the check of requests (``predict``).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    tokens = np.asarray(output_tokens, dtype=np.float64).ravel()
+    problems = impossible_inputs(x, tokens)
+    if problems:
+        return problems
+    columns = {name: x[:, i] for i, name in enumerate(FEATURE_NAMES)}
+    columns["output_tokens"] = tokens
+    checks: list[tuple[str, np.ndarray, str]] = [
+        (name, columns[name] != np.round(columns[name]), "a whole number")
+        for name in INTEGER_INPUTS
+    ]
+    checks.append(("output_tokens", tokens < 1, ">= 1 (the first token comes out of prefill)"))
+    if num_total_blocks is not None:
+        blocks = columns["num_active_blocks"]
+        checks.append(
+            (
+                "num_active_blocks",
+                blocks > num_total_blocks,
+                f"<= {num_total_blocks} (the model has {num_total_blocks} blocks)",
+            )
+        )
+    for name, bad, what in checks:
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            problems.append(
+                f"{name} must be {what}: {int(bad.sum())} row(s), first row {row} has "
+                f"{columns[name][row]:g}"
             )
     return problems

@@ -16,7 +16,7 @@ the P95 bound is +inf (unknown) rather than a guess that could under-cover.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,7 @@ def calibration_split(
         raise LatkitError(f"--samples must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(samples.height)
-    shuffled = samples[order.tolist()].with_columns(
-        pl.int_range(pl.len()).over("config").alias("_round")
-    )
+    shuffled = samples[order].with_columns(pl.int_range(pl.len()).over("config").alias("_round"))
     config_rank = {c: i for i, c in enumerate(rng.permutation(sorted(shuffled["config"].unique())))}
     ranked = shuffled.with_columns(
         pl.col("config").replace_strict(config_rank, return_dtype=pl.Int64).alias("_config_rank")
@@ -61,16 +59,65 @@ def calibration_split(
     return samples.filter(is_picked), samples.filter(~is_picked)
 
 
-def _affine_fit(source: np.ndarray, target: np.ndarray, ones: np.ndarray) -> tuple[float, float]:
-    """Relative least squares of target ~ a x source + b x ones (scale only below 2 rows)."""
-    weights = 1.0 / np.maximum(np.abs(target), 1e-9)
-    if source.size >= 2 and np.ptp(source / np.maximum(ones, 1e-9)) > 0:
-        design = np.stack([source, ones], axis=1) * weights[:, None]
-        (scale, offset), *_ = np.linalg.lstsq(design, target * weights, rcond=None)
-        if scale > 0:
-            return float(scale), float(offset)
-    scale = float(np.sum(weights**2 * source * target) / np.sum((weights * source) ** 2))
-    return scale, 0.0
+def _min_without_each(values: np.ndarray, include: np.ndarray) -> np.ndarray:
+    """For every row i, the minimum of ``values`` over the included rows other than i
+    (+inf where there is none)."""
+    low = np.full(values.size, np.inf)
+    rows = np.flatnonzero(include)
+    if rows.size:
+        order = rows[np.argsort(values[rows], kind="stable")]
+        low[:] = values[order[0]]
+        low[order[0]] = values[order[1]] if rows.size > 1 else np.inf
+    return low
+
+
+def _sum_without_each(values: np.ndarray) -> np.ndarray:
+    """For every row i, the sum of ``values`` over the other rows: the sums before and after
+    i, so that one huge value does not cancel away the others' precision (total - value
+    would)."""
+    before = np.concatenate([[0.0], np.cumsum(values)[:-1]])
+    after = np.concatenate([np.cumsum(values[::-1])[::-1][1:], [0.0]])
+    return before + after
+
+
+def _affine_fit(
+    source: np.ndarray,
+    target: np.ndarray,
+    ones: np.ndarray,
+    include: np.ndarray,
+    positive: np.ndarray,
+    leave_one_out: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Relative least squares of target ~ a x source + b x ones over the ``include`` rows.
+
+    Returns (a, b, rows fitted on): one fit (arrays of length 1), or with ``leave_one_out``
+    one fit per row i on the included rows other than i, all from the same sums (O(n), not
+    n fits). The offset is dropped (a scale-only fit) below 2 rows, when source / ones is
+    constant (a and b are not identifiable), when the joint fit's scale is not positive, or
+    when a x ``positive`` + b would not be positive on every row fitted on.
+    """
+    weight = include / np.maximum(np.abs(target), 1e-9) ** 2
+    terms = [weight * source * source, weight * source * ones, weight * ones * ones]
+    terms += [weight * source * target, weight * ones * target]
+    ratio = source / np.maximum(ones, 1e-9)
+    if leave_one_out:
+        ss, so, oo, st, ot = (_sum_without_each(term) for term in terms)
+        count = include.sum() - include
+        spread = -_min_without_each(-ratio, include) - _min_without_each(ratio, include)
+        lowest = _min_without_each(positive, include)
+    else:
+        ss, so, oo, st, ot = (np.array([term.sum()]) for term in terms)
+        count = np.array([include.sum()])
+        spread = np.array([np.ptp(ratio[include]) if include.any() else 0.0])
+        lowest = np.array([positive[include].min() if include.any() else np.inf])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        det = ss * oo - so * so
+        scale = (oo * st - so * ot) / det
+        offset = (ss * ot - so * st) / det
+        scale_only = st / ss
+        joint = (count >= 2) & (spread > 0) & (det > 0) & (scale > 0)
+        joint &= scale * lowest + offset > 0
+    return np.where(joint, scale, scale_only), np.where(joint, offset, 0.0), count
 
 
 def fit_calibration(model: HybridLatencyModel, calibration: pl.DataFrame) -> Calibration:
@@ -78,7 +125,15 @@ def fit_calibration(model: HybridLatencyModel, calibration: pl.DataFrame) -> Cal
     if calibration.height == 0:
         return Calibration(method="affine", n_samples=0)
     predicted = model.uncalibrated().predict_frame(calibration)
-    return _affine_maps(predicted, _Targets.of(calibration))
+    prefill, decode = _affine_maps(predicted, _Targets.of(calibration), leave_one_out=False)
+    return Calibration(
+        prefill_scale=float(prefill[0][0]),
+        prefill_offset_ms=float(prefill[1][0]),
+        decode_pass_scale=float(decode[0][0]),
+        decode_pass_offset_ms=float(decode[1][0]),
+        method="affine",
+        n_samples=calibration.height,
+    )
 
 
 @dataclass(frozen=True)
@@ -97,47 +152,54 @@ class _Targets:
             samples["n_decode_passes"].to_numpy().astype(np.float64),
         )
 
-    def subset(self, keep: np.ndarray) -> _Targets:
-        return _Targets(self.prefill_ms[keep], self.decode_total_ms[keep], self.passes[keep])
+
+_Maps = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _affine_maps(predicted: dict[str, np.ndarray], targets: _Targets) -> Calibration:
-    """``fit_calibration`` given the source model's predictions of the samples."""
-    prefill_true = targets.prefill_ms
-    prefill_scale, prefill_offset = _affine_fit(
-        predicted["prefill_ms"], prefill_true, np.ones_like(prefill_true)
+def _affine_maps(
+    predicted: Mapping[str, np.ndarray], targets: _Targets, leave_one_out: bool
+) -> _Maps:
+    """((prefill scale, offset), (decode pass scale, offset)) from the source model's
+    predictions of the samples: one map, or one per left-out sample (``_affine_fit``).
+
+    Prefill: every sample; a map must keep every prefill positive. Decode: the samples with
+    decode passes, per pass (``ones`` are the passes); a map must keep every pass time
+    positive. A stage with no sample to fit on keeps the identity.
+    """
+    everyone = np.ones(targets.prefill_ms.size, dtype=bool)
+    prefill_ms = predicted["prefill_ms"]
+    prefill_scale, prefill_offset, n_prefill = _affine_fit(
+        prefill_ms, targets.prefill_ms, np.ones(everyone.size), everyone, prefill_ms, leave_one_out
     )
-    if prefill_scale * predicted["prefill_ms"].min() + prefill_offset <= 0:
-        prefill_scale, prefill_offset = _affine_fit(
-            predicted["prefill_ms"], prefill_true, np.zeros_like(prefill_true)
-        )
     passes = targets.passes
     has_passes = passes > 0
-    decode_scale, decode_offset = 1.0, 0.0
-    if has_passes.any():
-        total_pred = predicted["decode_total_ms"][has_passes]
-        total_true = targets.decode_total_ms[has_passes]
-        decode_scale, decode_offset = _affine_fit(total_pred, total_true, passes[has_passes])
-        mean_pass = total_pred / passes[has_passes]
-        if decode_scale * mean_pass.min() + decode_offset <= 0:
-            # The offset would make some pass time non-positive: keep the scale alone.
-            decode_scale, decode_offset = _affine_fit(
-                total_pred, total_true, np.zeros_like(total_pred)
-            )
-    return Calibration(
-        prefill_scale=prefill_scale,
-        prefill_offset_ms=prefill_offset,
-        decode_pass_scale=decode_scale,
-        decode_pass_offset_ms=decode_offset,
-        method="affine",
-        n_samples=int(prefill_true.size),
+    total = predicted["decode_total_ms"]
+    decode_scale, decode_offset, n_decode = _affine_fit(
+        total,
+        targets.decode_total_ms,
+        passes,
+        has_passes,
+        total / np.maximum(passes, 1.0),
+        leave_one_out,
     )
+    return _or_identity(prefill_scale, prefill_offset, n_prefill), _or_identity(
+        decode_scale, decode_offset, n_decode
+    )
+
+
+def _or_identity(
+    scale: np.ndarray, offset: np.ndarray, n_fitted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted map, or the identity where it was fitted on no sample."""
+    none = n_fitted == 0
+    return np.where(none, 1.0, scale), np.where(none, 0.0, offset)
 
 
 def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> ConformalBounds:
     """Conformal bounds of the recalibrated model from leave-one-out scores on ``calibration``
     (see the module docstring). The source model predicts the samples once; each left-out
-    sample's prediction is that prediction through the map fitted on the others."""
+    sample's prediction is that prediction through the map fitted on the others (all maps
+    at once, in O(N)). A single sample has no others: its map is the identity."""
     n = calibration.height
     if n == 0:
         return ConformalBounds()
@@ -147,24 +209,25 @@ def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> 
     predicted_passes = np.clip(
         calibration["output_tokens"].to_numpy().astype(np.float64) - 1, 0, None
     )
-    prefill_pred = np.empty(n)
-    total_pred = np.empty(n)
-    for i in range(n):
-        keep = np.ones(n, dtype=bool)
-        keep[i] = False
-        others = {name: values[keep] for name, values in source.items()}
-        cal = _affine_maps(others, targets.subset(keep))
-        prefill_pred[i] = cal.prefill(source["prefill_ms"][i])
-        decode = cal.decode_total(source["decode_total_ms"][i], predicted_passes[i])
-        total_pred[i] = prefill_pred[i] + decode
-    total_true = targets.prefill_ms + targets.decode_total_ms
+    (prefill_scale, prefill_offset), (decode_scale, decode_offset) = _affine_maps(
+        source, targets, leave_one_out=True
+    )
+    prefill_pred = prefill_scale * source["prefill_ms"] + prefill_offset
+    decode_pred = decode_scale * source["decode_total_ms"] + decode_offset * predicted_passes
     return ConformalBounds.fit(
         targets.prefill_ms,
         prefill_pred,
-        total_true,
-        total_pred,
+        targets.decode_total_ms,
+        decode_pred,
         source="recalibration (leave-one-out)",
     )
+
+
+def _total_factors(bounds: ConformalBounds, level: str) -> str:
+    if bounds.is_unbounded(level):
+        return "unbounded (P95 needs >= 19 samples)" if level == "p95" else "unbounded"
+    prefill, decode = bounds.total[level]
+    return f"prefill x {prefill:.3f} + decode x {decode:.3f}"
 
 
 def recalibrate(
@@ -228,21 +291,34 @@ def recalibration_curve(
 ) -> pl.DataFrame:
     """Error on a held-out part of the target for each N, with two reference rows.
 
-    The target is split once (seeded, by sample) into a pool and an evaluation part;
-    calibration samples come from the pool, and every row is scored on the same
-    evaluation part: the source model as is (N = 0), the recalibrated model for each N,
-    and a model trained on the whole pool ("target-trained", the bar to approach).
+    The calibration samples of every N are the first N of one seeded draw over the whole
+    target (``calibration_split(target, N, seed)``: the 10 are among the 25, and so on), so
+    the row of N is the very model ``recalibrate(model, target, N, seed=seed)`` returns,
+    which ``latkit recalibrate --samples N`` saves. The evaluation part is a seeded
+    ``eval_fraction`` of the samples that no N draws; every row is scored on it: the source
+    model as is (N = 0), the recalibrated model for each N, and a model trained on the rest
+    of the target ("target-trained", the bar to approach; its pool holds every calibration
+    sample).
     """
+    ns = sorted(set(ns))
+    if not ns or ns[0] < 1 or ns[-1] >= target_samples.height:
+        raise LatkitError(
+            f"the recalibration curve needs 1 <= N < {target_samples.height} (the target's "
+            f"usable samples), got N = {', '.join(map(str, ns))}"
+        )
+    largest, undrawn = calibration_split(target_samples, ns[-1], seed)
     rng = np.random.default_rng(seed)
-    is_eval = rng.random(target_samples.height) < eval_fraction
-    evaluation = target_samples.filter(pl.Series(is_eval))
-    pool = target_samples.filter(pl.Series(~is_eval))
+    is_eval = pl.Series(rng.random(undrawn.height) < eval_fraction)
+    evaluation = undrawn.filter(is_eval)
+    if evaluation.height == 0:
+        raise LatkitError(
+            f"too few target samples for the recalibration curve: {target_samples.height}"
+        )
+    pool = pl.concat([largest, undrawn.filter(~is_eval)])
     rows = [CurveRow("source (no recalibration)", 0, *_score(model, evaluation))]
     for n in ns:
-        calibrated, _, _ = recalibrate(model, pool, n, seed=seed)
-        rows.append(
-            CurveRow("affine recalibration", min(n, pool.height), *_score(calibrated, evaluation))
-        )
+        calibrated, _, _ = recalibrate(model, target_samples, n, seed=seed)
+        rows.append(CurveRow("affine recalibration", n, *_score(calibrated, evaluation)))
     params = {"seed": seed, **(reference_params or {})}
     pool_steps = None
     if target_steps is not None:
@@ -309,16 +385,19 @@ def plot_curve(curve: pl.DataFrame, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _format_table(rows: pl.DataFrame) -> str:
+def _format_table(rows: pl.DataFrame, saved_n: int | None = None) -> str:
+    """The curve as a table; the row of the saved model (N = ``saved_n``) is marked."""
     lines = [
         f"{'model':<30}{'N':>6}{'prefill MAPE':>14}{'prefill R2':>12}"
         f"{'decode MAPE':>13}{'decode R2':>11}{'total_p95 covers':>18}"
     ]
     for row in rows.iter_rows(named=True):
+        saved = row["model"] == "affine recalibration" and row["n_samples"] == saved_n
         lines.append(
             f"{row['model']:<30}{row['n_samples']:>6}{row['prefill_mape_pct']:>13.2f}%"
             f"{row['prefill_r2']:>12.4f}{row['decode_total_mape_pct']:>12.2f}%"
             f"{row['decode_total_r2']:>11.4f}{100 * row['total_p95_coverage']:>17.1f}%"
+            + ("  <- the saved model" if saved else "")
         )
     return "\n".join(lines)
 
@@ -340,10 +419,16 @@ def run_recalibration(
     from toolkit.atomic import write_json_atomic
     from toolkit.data import load_results
 
+    if n_samples < 1:
+        raise LatkitError(f"--samples must be at least 1, got {n_samples}")
     model = HybridLatencyModel.load(checkpoint)
     target = load_results(
         results_dir, dataset_names=dataset_names, outlier_ms=outlier_ms, outlier_rel=outlier_rel
     )
+    if n_samples > target.n_samples:
+        raise LatkitError(
+            f"--samples {n_samples}: {results_dir} holds only {target.n_samples} usable samples"
+        )
     calibrated, calibration, rest = recalibrate(model, target.samples, n_samples, method, seed)
     calibrated.save(output_dir)
     cal = calibrated.calibration
@@ -352,13 +437,9 @@ def run_recalibration(
         f"({calibration['config'].n_unique()} configurations) of {results_dir}",
         f"  prefill'     = {cal.prefill_scale:.4f} x prefill {cal.prefill_offset_ms:+.3f} ms",
         f"  decode pass' = {cal.decode_pass_scale:.4f} x pass {cal.decode_pass_offset_ms:+.3f} ms",
-        "  bounds re-calibrated (leave-one-out conformal): total P90 x "
-        f"{calibrated.bounds.total['p90']:.3f}, P95 x {calibrated.bounds.total['p95']:.3f}"
-        + (
-            " (unbounded: P95 needs >= 19 samples)"
-            if calibrated.bounds.total["p95"] == np.inf
-            else ""
-        ),
+        "  bounds re-calibrated (leave-one-out conformal): total P90 = "
+        f"{_total_factors(calibrated.bounds, 'p90')}, P95 = "
+        f"{_total_factors(calibrated.bounds, 'p95')}",
     ]
     if rest.height:
         before = _score(model, rest)
@@ -371,15 +452,35 @@ def run_recalibration(
         ]
     lines.append(f"Recalibrated model saved to {output_dir}")
     if curve_ns:
-        curve = recalibration_curve(model, target.samples, target.steps, curve_ns, seed=seed)
+        # The saved model is the curve's row N = n_samples (same draw, same fit).
+        ns = sorted({*curve_ns, n_samples})
+        too_many = [n for n in ns if n >= target.n_samples]
+        ns = [n for n in ns if n < target.n_samples]
+        if not ns:
+            raise LatkitError(
+                f"--curve: {results_dir} has too few usable samples ({target.n_samples})"
+            )
+        curve = recalibration_curve(model, target.samples, target.steps, ns, seed=seed)
         # Beside the artifact's files: the manifest checksums only the files it lists.
         out = Path(output_dir)
         write_json_atomic(out / "recalibration_curve.json", curve.to_dicts())
         plot_curve(curve, out / "recalibration_curve.png")
+        saved = (
+            f", so the row N = {n_samples} is the saved model"
+            if n_samples in ns
+            else f"; the saved model (N = {n_samples}) leaves no sample to score on"
+        )
         lines += [
             "",
-            "Recalibration curve (every row scored on the same held-out target samples):",
-            _format_table(curve),
+            "Recalibration curve: every row scored on the same held-out target samples, which "
+            "no row calibrated on; the calibration samples of N are the first N of one draw"
+            f"{saved}.",
+            _format_table(curve, saved_n=n_samples),
             f"Curve written to {out / 'recalibration_curve.png'} and recalibration_curve.json",
         ]
+        if too_many:
+            lines.append(
+                f"(N = {', '.join(map(str, too_many))} left out: the target has "
+                f"{target.n_samples} usable samples and the curve needs some to score on)"
+            )
     return "\n".join(lines)

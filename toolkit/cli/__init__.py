@@ -2,7 +2,9 @@
 
 Each command lives in its own module, parses its options, calls one importable
 function and prints. Errors a user can fix (``LatkitError``, bad files, bad flags) end
-in one line on stderr and exit status 2, never a traceback.
+in one line on stderr and exit status 2, never a traceback: click's own usage errors
+(unknown option, missing or invalid value, unknown command) too, which click would print
+as four lines (usage, hint, blank, error).
 """
 
 from __future__ import annotations
@@ -44,18 +46,50 @@ class _LatkitGroup(click.Group):
         assert isinstance(command, click.Command) and command.name == cmd_name
         return command
 
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        # The group's own options (``latkit --bogus``) are parsed here. Messages name the
+        # program "latkit" also under `python -c`, `python -m` or a test runner.
+        try:
+            return super().make_context(self.name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
     def invoke(self, ctx: click.Context) -> Any:
+        # A command's options are parsed, and the command runs, inside the group's invoke.
         try:
             return super().invoke(ctx)
         except LatkitError as exc:
             raise _UserError(str(exc)) from None
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
 
 class _UserError(click.ClickException):
+    """Shown as one line, ``Error: <message>``, on stderr; exit status 2."""
+
     exit_code = 2
 
+    def format_message(self) -> str:
+        return " ".join(self.message.split("\n"))
 
-@click.group(cls=_LatkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+def _one_line(exc: click.UsageError) -> click.ClickException:
+    """A click usage error as one line that names the command's --help."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        return exc  # bare ``latkit``: the help text is the answer
+    message = exc.format_message()
+    if exc.ctx is not None:
+        message += f" (see '{exc.ctx.command_path} --help')"
+    return _UserError(message)
+
+
+@click.group("latkit", cls=_LatkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="latkit")
 def main() -> None:
     """latkit: predict the latency of adaptive VLM inference (tier, top_k, active blocks).

@@ -7,7 +7,6 @@ import json
 import click
 
 from toolkit.cli.options import parse_dataset_names, results_selection_options, setup_logging
-from toolkit.inspect import inspect_results, summary_json, summary_text
 
 
 @click.command("inspect")
@@ -26,6 +25,8 @@ def inspect_command(
     Prints datasets, files, samples per dataset and per configuration, and every skipped
     record counted by reason. Exit status 2 when no usable sample exists.
     """
+    from toolkit.inspect import inspect_results, summary_json, summary_text
+
     setup_logging()
     result = inspect_results(
         results_dir,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from toolkit.cli.options import (
@@ -57,6 +59,9 @@ def plot_command(
     """
     del batch_size, device
     setup_logging(verbose)
+    if not verbose:
+        # reports.plots logs every figure it writes; the list printed below is the answer.
+        logging.getLogger("reports.plots").setLevel(logging.WARNING)
     from reports.plots import run_plots
 
     names, use_all = dataset_selection(use_all_datasets, dataset_names)

@@ -138,9 +138,11 @@ def predict_command(
     which configurations fit a latency budget for one request, ranked.
 
     Inputs beyond the training range by more than half its width (the margin the model is
-    tested to extrapolate over) are answered with one warning line per feature on stderr
-    (batch mode: the extrapolated column says which rows); impossible inputs (negative token
-    counts, top_k or blocks below 1) are errors.
+    tested to extrapolate over), and output lengths beyond 8x the longest trained answer
+    (how far decode's growth was measured to hold), are answered with one warning line per
+    input on stderr (batch mode: the extrapolated column says which rows). Impossible
+    requests are errors: negative or fractional token counts, fewer than 1 output token,
+    top_k or blocks below 1 or fractional, more blocks than the profiled model has.
     """
     from exporters.export import load_model
     from exporters.predict import predict_file, predict_single
@@ -218,6 +220,13 @@ def _budget_mode(
 
     if text_tokens is None:
         raise LatkitError("budget mode needs --text-tokens (the request's prompt length)")
+    for flag, value, lowest in (
+        ("--text-tokens", text_tokens, 0),
+        ("--vision-tokens", vision_tokens, 0),
+        ("--output-tokens", output_tokens, 1),
+    ):
+        if value is not None and not (value >= lowest and float(value).is_integer()):
+            raise LatkitError(f"{flag} {value:g}: must be a whole number >= {lowest}")
     try:
         chosen = [parse_config(c) for c in configs.split(",") if c.strip()] if configs else None
     except ValueError as exc:
@@ -233,6 +242,7 @@ def _budget_mode(
         safety=safety,
         bound=bound,
         rank=rank,
+        supported_output_tokens=model.supported_output_tokens(),
     )
     if as_json:
         click.echo(json.dumps(table.to_dicts()))

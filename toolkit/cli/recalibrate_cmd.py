@@ -13,7 +13,10 @@ from toolkit.cli.options import (
     results_selection_options,
     setup_logging,
 )
-from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
+
+#: ``toolkit.recalibrate.METHODS``, spelled here so that ``--help`` does not import the
+#: recalibration code (torch, xgboost); tests/test_cli.py checks that the two agree.
+METHOD_CHOICES: tuple[str, ...] = ("affine",)
 
 
 @click.command("recalibrate")
@@ -22,14 +25,15 @@ from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
 @click.option(
     "--samples",
     "n_samples",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=1),
     default=25,
     show_default=True,
-    help="Calibration samples drawn evenly over the knob grid of the target results.",
+    help="Calibration samples drawn evenly over the knob grid of the target results; more "
+    "than the target's usable samples is an error.",
 )
 @click.option(
     "--method",
-    type=click.Choice(METHODS),
+    type=click.Choice(METHOD_CHOICES),
     default="affine",
     show_default=True,
     help="affine: per-stage target = a x source + b (prefill, and each decode pass).",
@@ -40,8 +44,10 @@ from toolkit.recalibrate import DEFAULT_CURVE_NS, METHODS, run_recalibration
 @click.option(
     "--curve",
     is_flag=True,
-    help="Also measure the error for N in 10, 25, 50, 100 against a model trained on the "
-    "target itself; writes recalibration_curve.png and .json into --output-dir.",
+    help="Also measure the error for N in 10, 25, 50, 100 and --samples against a model "
+    "trained on the target itself, all scored on the same held-out target samples; the row "
+    "N = --samples is the saved model. Writes recalibration_curve.png and .json into "
+    "--output-dir.",
 )
 @click.option("--seed", type=int, default=3407, show_default=True)
 def recalibrate_command(
@@ -62,6 +68,8 @@ def recalibrate_command(
     Fits per-stage affine maps on --samples calibration samples, saves the recalibrated
     artifact, and reports its error on the rest of the target results.
     """
+    from toolkit.recalibrate import DEFAULT_CURVE_NS, run_recalibration
+
     setup_logging()
     report = run_recalibration(
         checkpoint,

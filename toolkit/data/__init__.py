@@ -1,4 +1,4 @@
-"""Reading core-experiment results (``shared/spec/core-exp-format.md``) into Polars frames.
+"""Reading core-experiment results (``docs/core-exp-format.md``) into Polars frames.
 
 ``load_results`` returns a :class:`LoadResult` with two frames:
 
@@ -9,7 +9,8 @@ samples — one row per usable sample:
     output_tokens (Int64), n_decode_passes (Int64), actual_num_crops (Int64),
     vision_tokens (Int64), text_tokens (Int64), total_sequence_length (Int64),
     T_vision_total, T_LLM_prefill, T_LLM_decode, T_total, T_decode_per_token,
-    T_prefill_total (Float64, milliseconds), device (Str, null unless the sample's
+    T_prefill_total (Float64, milliseconds), num_total_blocks (Int64, the profiled model's
+    blocks; null where the file omits it), device (Str, null unless the sample's
     ``metadata.device`` names it: mixed-device sweeps)
 
 steps — one row per decode pass where ``T_decode_per_step`` exists:

@@ -91,6 +91,8 @@ _RAW_FILE_SCHEMA: Final[dict[str, pl.DataType]] = {
     "tier": pl.String(),
     "top_k": _I(),
     "num_active_blocks": _I(),
+    # Blocks in the profiled model (a file-level field; null where a file omits it).
+    "num_total_blocks": _I(),
     "per_sample_results": pl.List(_RAW_SAMPLE_STRUCT),
 }
 
@@ -117,6 +119,7 @@ SAMPLE_SCHEMA: Final[dict[str, pl.DataType]] = {
     "T_total": _F(),
     "T_decode_per_token": _F(),
     "T_prefill_total": _F(),
+    "num_total_blocks": _I(),
     "device": pl.String(),
 }
 #: Columns of the steps frame (one row per decode pass).
@@ -130,7 +133,7 @@ STEP_SCHEMA: Final[dict[str, pl.DataType]] = {
 _RANK_FILE = re.compile(r"^(?P<stem>.+)_rank\d+\.json(?:\.gz)?$")
 _CHUNK_FILES: Final[int] = 64
 #: Bump when the raw frame layout changes: old cache entries are then ignored.
-_CACHE_VERSION: Final[int] = 2
+_CACHE_VERSION: Final[int] = 3
 #: Warn loudly when the outlier rules drop more than this fraction of valid samples.
 _OUTLIER_WARN_FRACTION: Final[float] = 0.03
 
@@ -287,7 +290,7 @@ def _coerce_file(document: Any) -> pl.DataFrame | None:
         record[_REASON] = reason
         samples.append(record)
     file_fields: dict[str, Any] = {}
-    for name in ("top_k", "num_active_blocks"):
+    for name in ("top_k", "num_active_blocks", "num_total_blocks"):
         value, ok = _number(document.get(name), integer=True)
         file_fields[name] = value if ok else None
     tier = document.get("tier")
@@ -300,6 +303,7 @@ def _coerce_file(document: Any) -> pl.DataFrame | None:
         pl.lit(file_fields["tier"], dtype=pl.String).alias("tier"),
         pl.lit(file_fields["top_k"], dtype=_I).alias("top_k"),
         pl.lit(file_fields["num_active_blocks"], dtype=_I).alias("num_active_blocks"),
+        pl.lit(file_fields["num_total_blocks"], dtype=_I).alias("num_total_blocks"),
     )
     return frame
 
@@ -467,6 +471,7 @@ def _parse_one(blob: bytes, path: Path, files_failed: list[str]) -> pl.DataFrame
                 "tier": [None],
                 "top_k": [None],
                 "num_active_blocks": [None],
+                "num_total_blocks": [None],
                 "per_sample_results": [None],
             },
             schema=_RAW_FILE_SCHEMA,

@@ -24,7 +24,9 @@ FORMAT: Final[str] = "latkit-hybrid"
 # 3: prefill = physics baseline x residual trees (weights in the manifest), bounds calibrated
 # by conformal prediction (factors in the manifest); no quantile booster. Version 2 artifacts
 # are refused with a message to retrain.
-FORMAT_VERSION: Final[int] = 3
+# 4: decode per-pass time = a + c x KV length (prompt + k), the network sees the
+# configuration only; version 3 artifacts (quadratic positional basis) are refused.
+FORMAT_VERSION: Final[int] = 4
 MANIFEST: Final[str] = "manifest.json"
 PREFILL_FILE: Final[str] = "prefill.ubj"
 DECODE_FILE: Final[str] = "decode_net.safetensors"

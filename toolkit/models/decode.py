@@ -1,26 +1,27 @@
-"""Decode model: per-pass time = config coefficients . fixed basis of the pass index k.
+"""Decode model: per-pass time = a constant plus a slope times the KV-cache length.
 
-A decode pass k (k = 1 .. N-1 for N output tokens) attends over a KV cache of
-``prompt + k`` tokens, so its time grows with k. We write the time of pass k as
+Decode pass k (k = 1 .. N-1 for N output tokens) runs one token through the active blocks: it
+reads the weights of the attention projections and of the ``top_k`` experts of every block
+(a cost that does not depend on k) and attends over a KV cache of ``P + k`` tokens, ``P`` the
+prompt (vision + text tokens): a cost linear in ``P + k``. So
 
-    pass_ms(k) = sum_j coef_j(config) * basis_j(k)
+    pass_ms(k) = a(config) + c(config) * (P + k) / KV_UNIT,        a, c >= 0
 
-with a fixed basis whose prefix sums have exact closed forms. The total over any number
-of passes is then one dot product (O(1) in N) in training, in Python inference and in the
-exported graphs alike; no loop over positions and no B x N tensor anywhere.
+with ``a`` and ``c`` from a small network of the configuration (``DecodeNet``). Nothing in a
+decoder makes one pass quadratic in k (latkit 0.3's basis had a k^2 term: fitted on answers
+of at most ~70 tokens it was mostly noise, and it dominated past a few hundred tokens).
 
-Basis (K0 = 64 passes), chosen so that the prefix sums are plain powers:
+Why the slope is learnt well from short answers: ``c`` multiplies ``P + k``, and the profiled
+prompts span ~300 to ~2500 tokens while answers span a few tens; the network does not see the
+token counts (``DEFAULT_INPUTS``), so the only way the prompt length can change a pass's time
+is through the same slope that k enters. The data pins ``c`` down by the prompt's spread.
 
-    b_j(k) = K0 * ((k / K0)^(j+1) - ((k - 1) / K0)^(j+1)),      j = 0, 1, 2
-           = 1,  (2k - 1) / K0,  (3k^2 - 3k + 1) / K0^2
-    sum_{k=1}^{m} b_j(k) = K0 * (m / K0)^(j+1)                   (telescoping)
+The sum over passes 1..m has a closed form (the basis' prefix sum),
 
-b_0 is the constant cost of a pass (weights, prompt-length attention), b_1 the linear
-growth of attention over the growing KV cache, b_2 mild curvature on long answers. Every
-b_j is positive and non-decreasing for k >= 1 and the coefficients are non-negative
-(softplus), so the predicted pass time is positive and never decreases with k. Because
-the prefix sums are powers of m, the exported predictor evaluates them with one Pow node
-(``exporters.fused``).
+    sum_{k=1}^{m} [1, (P + k) / KV_UNIT] = [m, m (P + (m + 1) / 2) / KV_UNIT],
+
+so the total over any number of passes is one dot product (O(1) in N) in training, in Python
+inference and in the exported graphs alike; no loop over positions, no B x N tensor.
 
 Everything below is TorchScript-scriptable and ONNX-exportable (only elementwise ops,
 ``torch.stack`` and small Linear layers).
@@ -35,59 +36,69 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from toolkit.features import FEATURE_NAMES
+
 #: Number of basis functions of the pass index.
-N_BASIS: Final[int] = 3
-#: Scale of k in the basis (keeps every term O(1) for typical answers).
-K0: Final[float] = 64.0
+N_BASIS: Final[int] = 2
+#: Tokens per unit of the slope term (keeps every term O(1) for typical prompts).
+KV_UNIT: Final[float] = 1024.0
 #: The basis as written in artifact manifests; a model trained with another basis is refused.
-BASIS_TERMS: Final[tuple[str, ...]] = ("1", "(2k-1)/K0", "(3k^2-3k+1)/K0^2")
+BASIS_TERMS: Final[tuple[str, ...]] = ("1", "(P+k)/1024")
+#: Feature columns (``FEATURE_NAMES`` indices) of a prompt's length: vision + text tokens.
+PROMPT_COLUMNS: Final[tuple[int, int]] = (0, 1)
+#: The features the network sees by default: the configuration (tier_idx, top_k,
+#: num_active_blocks), not the token counts, which enter through the KV length alone.
+DEFAULT_INPUTS: Final[tuple[str, ...]] = ("tier_idx", "top_k", "num_active_blocks")
 
-# TorchScript cannot read module globals, so the functions below spell K0 = 64 as a literal.
-assert K0 == 64.0 and N_BASIS == 3
-
-
-def decode_basis(k: Tensor) -> Tensor:
-    """Basis of pass ``k`` (k >= 1, float): ``[...]`` -> ``[..., N_BASIS]``."""
-    return torch.stack(
-        [torch.ones_like(k), (2.0 * k - 1.0) / 64.0, (3.0 * k * k - 3.0 * k + 1.0) / 4096.0],
-        dim=-1,
-    )
+# TorchScript cannot read module globals, so the functions below spell KV_UNIT as a literal.
+assert KV_UNIT == 1024.0 and N_BASIS == 2 and PROMPT_COLUMNS == (0, 1)
 
 
-def decode_basis_prefix_sum(m: Tensor) -> Tensor:
-    """Exact ``sum_{k=1}^{m} decode_basis(k)`` for integer-valued ``m``; zeros where m <= 0.
+def prompt_tokens(features: Tensor) -> Tensor:
+    """Prompt length P (vision + text tokens) of raw features [..., 5] -> [...]."""
+    return features[..., 0] + features[..., 1]
 
-    ``[...]`` float -> ``[..., N_BASIS]``: ``[m, m^2 / K0, m^3 / K0^2]``.
-    """
+
+def decode_basis(k: Tensor, prompt: Tensor) -> Tensor:
+    """Basis of pass ``k`` (k >= 1) after a prompt of ``prompt`` tokens (broadcast against k):
+    ``[...]`` -> ``[..., N_BASIS]``: ``[1, (P + k) / KV_UNIT]``."""
+    kv = prompt + k
+    return torch.stack([torch.ones_like(kv), kv / 1024.0], dim=-1)
+
+
+def decode_basis_prefix_sum(m: Tensor, prompt: Tensor) -> Tensor:
+    """Exact ``sum_{k=1}^{m} decode_basis(k, P)`` for integer-valued ``m``; zeros where
+    m <= 0. ``[...]`` float -> ``[..., N_BASIS]``: ``[m, m (P + (m + 1) / 2) / KV_UNIT]``."""
     m = torch.clamp(m, min=0.0)
-    return torch.stack([m, m * m / 64.0, m * m * m / 4096.0], dim=-1)
+    return torch.stack([m, m * (prompt + 0.5 * (m + 1.0)) / 1024.0], dim=-1)
 
 
-def decode_outputs(coef: Tensor, output_tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """(decode_total_ms, decode_per_token_ms) for ``output_tokens`` N (float [B]).
+def decode_outputs(coef: Tensor, output_tokens: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+    """(decode_total_ms, decode_per_token_ms) for ``output_tokens`` N (float [B]) after
+    prompts of ``prompt`` tokens [B].
 
     N output tokens mean N - 1 decode passes (the first token comes out of prefill);
     per-token time is the mean pass time, 0 when N <= 1.
     """
     passes = torch.clamp(output_tokens - 1.0, min=0.0)
-    total = (coef * decode_basis_prefix_sum(passes)).sum(-1)
+    total = (coef * decode_basis_prefix_sum(passes, prompt)).sum(-1)
     per_token = torch.where(
         passes > 0.0, total / torch.clamp(passes, min=1.0), torch.zeros_like(total)
     )
     return total, per_token
 
 
-def decode_pass_ms(coef: Tensor, k: Tensor) -> Tensor:
-    """Time of pass ``k``: coef [B, N_BASIS] with k [B] -> [B], or k [B, K] -> [B, K]."""
-    basis = decode_basis(k)
+def decode_pass_ms(coef: Tensor, k: Tensor, prompt: Tensor) -> Tensor:
+    """Time of pass ``k``: coef [B, N_BASIS], prompt [B] with k [B] -> [B], or k [B, K] ->
+    [B, K]."""
     if k.dim() == coef.dim():
-        return (coef.unsqueeze(-2) * basis).sum(-1)
-    return (coef * basis).sum(-1)
+        return (coef.unsqueeze(-2) * decode_basis(k, prompt.unsqueeze(-1))).sum(-1)
+    return (coef * decode_basis(k, prompt)).sum(-1)
 
 
-#: Initial coefficient of each basis function, as a fraction of the typical pass time:
-#: start from "constant time per pass" with a little growth so every term gets gradient.
-_INIT_FRACTION: Final[tuple[float, ...]] = (1.0, 0.05, 0.02)
+#: Initial coefficients as a fraction of the typical pass time: a constant pass with a little
+#: growth over the KV cache (5 % per KV_UNIT tokens), so both terms get gradient.
+_INIT_FRACTION: Final[tuple[float, ...]] = (1.0, 0.05)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -95,27 +106,38 @@ def _inverse_softplus(y: float) -> float:
 
 
 class DecodeNet(nn.Module):
-    """Raw features [B, 5] (FEATURE_NAMES order) -> non-negative basis coefficients [B, N_BASIS] ms.
+    """Raw features [B, 5] (FEATURE_NAMES order) -> non-negative coefficients [B, N_BASIS] ms.
 
-    A ReLU network. Normalisation lives inside as buffers (saved with the weights): features
-    are standardised with the training mean/std, and the softplus output is scaled by
-    ``coef_scale`` (the typical pass time of the training data), so the network itself only
-    sees and emits O(1) numbers. Standardisation folds into the first layer and ReLU into
-    ONNX Runtime's Gemm, which is what keeps the exported predictor to a few nodes; on the
-    bundled measurements this form is as accurate as a SiLU network on log-scaled token
-    counts (the earlier design), within the seed-to-seed spread.
+    A ReLU network of the configuration. Normalisation lives inside as buffers (saved with the
+    weights): features are standardised with the training mean/std and multiplied by
+    ``feature_mask`` (1 for the inputs the network sees, 0 for the others: the token counts
+    by default, see the module doc), and the softplus output is scaled by ``coef_scale``, so
+    the network itself only sees and emits O(1) numbers. Standardisation and mask fold into
+    the first layer and ReLU into ONNX Runtime's Gemm, which keeps the exported predictor to a
+    few nodes.
     """
 
     # Buffers (declared for type checkers; registered in __init__, saved with the weights).
     feature_mean: Tensor
     feature_std: Tensor
+    feature_mask: Tensor
     coef_scale: Tensor
 
-    def __init__(self, n_features: int = 5, hidden: int = 64, n_layers: int = 1) -> None:
+    def __init__(
+        self,
+        n_features: int = 5,
+        hidden: int = 64,
+        n_layers: int = 1,
+        inputs: tuple[str, ...] = DEFAULT_INPUTS,
+    ) -> None:
         super().__init__()
+        unknown = [name for name in inputs if name not in FEATURE_NAMES]
+        if unknown or not inputs or n_features != len(FEATURE_NAMES):
+            raise ValueError(f"decode inputs must be some of {FEATURE_NAMES}, got {inputs}")
         self.n_features = n_features
         self.hidden = hidden
         self.n_layers = n_layers
+        self.inputs = tuple(inputs)
         layers: list[nn.Module] = []
         width = n_features
         for _ in range(n_layers):
@@ -123,8 +145,10 @@ class DecodeNet(nn.Module):
             width = hidden
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, N_BASIS)
+        mask = torch.tensor([1.0 if name in inputs else 0.0 for name in FEATURE_NAMES])
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
+        self.register_buffer("feature_mask", mask)
         self.register_buffer("coef_scale", torch.ones(N_BASIS))
         with torch.no_grad():
             self.head.weight.mul_(0.1)
@@ -147,27 +171,28 @@ class DecodeNet(nn.Module):
 
     def hidden_features(self, features: Tensor) -> Tensor:
         """Last hidden layer [B, hidden] (the head's input) of raw features [B, 5]."""
-        x = (features - self.feature_mean) / self.feature_std
+        x = (features - self.feature_mean) / self.feature_std * self.feature_mask
         return self.body(x)
 
     def forward(self, features: Tensor) -> Tensor:
         return nn.functional.softplus(self.head(self.hidden_features(features))) * self.coef_scale
 
     @torch.jit.unused
-    def warm_start(self, features: Tensor, per_pass: Tensor, ridge: float = 1e-2) -> None:
+    def warm_start(
+        self, features: Tensor, per_pass: Tensor, kv_units: Tensor, ridge: float = 1e-2
+    ) -> None:
         """Least-squares start of the constant coefficient (called by fit, before Adam).
 
-        ``per_pass`` is each sample's mean pass time in units of ``coef_scale``. The head row
-        of the constant basis term is set by ridge regression of softplus^-1(per_pass) on the
+        ``per_pass`` is each sample's mean pass time in units of ``coef_scale``, ``kv_units``
+        its mean KV length over its passes in KV_UNITs. The head row of the constant term is
+        set by ridge regression of softplus^-1(per_pass - initial slope x kv_units) on the
         hidden features, so the first epoch already starts from per-configuration levels
-        instead of one global constant; Adam then refines every coefficient. Without it the
-        original learning rate (1e-3) needed far more than 50 epochs on small data sets.
+        instead of one global constant; Adam then refines both coefficients.
         """
         with torch.no_grad():
             h = self.hidden_features(features).double()
-            target = per_pass.double().clamp(min=1e-3)
-            # Growth terms start at their small initial share; the constant takes the rest.
-            target = (target - sum(_INIT_FRACTION[1:]) * 0.5).clamp(min=0.05)
+            slope = _INIT_FRACTION[1]
+            target = (per_pass.double() - slope * kv_units.double()).clamp(min=0.05)
             z = target + torch.log(-torch.expm1(-target))  # inverse softplus
             h_mean, z_mean = h.mean(0), z.mean()
             hc = h - h_mean
@@ -176,5 +201,10 @@ class DecodeNet(nn.Module):
             self.head.weight[0].copy_(weight.to(self.head.weight.dtype))
             self.head.bias[0] = float(z_mean - h_mean @ weight)
 
-    def hyper_params(self) -> dict[str, int]:
-        return {"n_features": self.n_features, "hidden": self.hidden, "n_layers": self.n_layers}
+    def hyper_params(self) -> dict[str, object]:
+        return {
+            "n_features": self.n_features,
+            "hidden": self.hidden,
+            "n_layers": self.n_layers,
+            "inputs": list(self.inputs),
+        }

@@ -1,32 +1,12 @@
-"""HybridLatencyModel: XGBoost prefill + positional decode network, one artifact directory.
+"""HybridLatencyModel: physics x trees prefill + decode network, one artifact directory.
 
-Prefill is learned by :class:`PrefillModel` (trees). Decode is learned by :class:`DecodeNet`,
-whose output is a set of non-negative coefficients of a fixed basis of the pass index k (see
-``toolkit.models.decode``). Training of the decode net, in one vectorised pass per minibatch:
-
-- summed-sequence loss: the predicted total of a sample's ``n`` passes is
-  ``coef . prefix_sum(n)`` (O(1) per sample) against its ``T_LLM_decode``.
-  ``sum_loss="log"`` (default): squared error of log(predicted sum) - log(T_LLM_decode), a
-  relative error, so long answers do not drown short ones and slow configurations do not
-  drown fast ones; that is what the score (MAPE) measures, and timing noise is multiplicative
-  (a busy core stretches every pass), which the log also tames. ``sum_loss="mse"``: the error
-  divided by ``n * s`` (``s`` = mean pass time of the training data), i.e. the MSE of the
-  mean pass time in units of a typical pass. Measured on the real CPU data set (sample
-  split, 1.2k samples): decode-total MAPE 29.5 % with "log" against 33.2 % with "mse"; on
-  generated data both reach the noise (0.4-0.6 %).
-- per-pass loss where ``T_decode_per_step`` exists: sum over the sample's measured passes of
-  ``(coef . basis(k) - t_k)^2``. Because the prediction is linear in ``coef`` this equals
-  ``coef^T G coef - 2 coef . h + q`` with per-sample ``G = sum_k basis(k) basis(k)^T``,
-  ``h = sum_k t_k basis(k)``, ``q = sum_k t_k^2``, computed once before training by one
-  vectorised scatter-add over the flat steps table. Each training step then costs
-  O(N_BASIS^2) per sample, however many passes were measured; the value and the gradient
-  are exactly those of the flat per-step MSE (a test checks it).
-
-Loss weights: ``step_weight`` scales the per-pass term against the summed-sequence term.
-``prefill_weight : decode_weight`` (2 : 1, as the original single network) weigh the two
-parts of the logged ``loss``. The trees are fitted first and do not change during the decode
-epochs, so the prefill term is a constant: it shifts the logged loss but not the gradient or
-the choice of the best epoch (kept for continuity with the original logs).
+Prefill is learned by :class:`PrefillModel` (a physics baseline times trees on its residual).
+Decode is learned by :class:`DecodeNet`: per-pass time = a(config) + c(config) x KV length,
+whose total over any number of passes is a closed form (``toolkit.models.decode``); its
+training engine (packing, losses, epochs) is ``toolkit.models.decode_training``. The bounds
+are split-conformal factors calibrated on samples the models were not fitted on
+(``toolkit.models.bounds``). ``fit`` learns, ``predict`` is pure, ``save``/``load`` write and
+read one verified artifact directory (``toolkit.models.artifact``; nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -35,9 +15,7 @@ import copy
 import datetime as _dt
 import logging
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -53,8 +31,10 @@ from toolkit.errors import LatkitError
 from toolkit.features import (
     FEATURE_NAMES,
     OUTPUT_NAMES,
+    OUTPUT_TOKENS_MULTIPLE,
     feature_matrix,
     impossible_inputs,
+    supported_output_tokens,
     supported_range,
 )
 from toolkit.metrics import coverage_and_bias, regression_metrics
@@ -69,12 +49,21 @@ from toolkit.models.bounds import ConformalBounds
 from toolkit.models.calibration import Calibration
 from toolkit.models.decode import (
     BASIS_TERMS,
-    K0,
+    DEFAULT_INPUTS,
+    KV_UNIT,
     N_BASIS,
     DecodeNet,
-    decode_basis,
-    decode_basis_prefix_sum,
     decode_outputs,
+    decode_pass_ms,
+    prompt_tokens,
+)
+from toolkit.models.decode_training import (
+    DecodeTraining,
+    EpochLog,
+    auto_batch_size,
+    build_decode_data,
+    decode_scale_ms,
+    fit_decode_net,
 )
 from toolkit.models.prefill import PrefillModel
 
@@ -99,10 +88,7 @@ _REQUIRED_COLUMNS: tuple[str, ...] = (
     "T_prefill_total",
     "T_LLM_decode",
 )
-#: Auto batch size: about this many optimizer steps per epoch, batches of at least
-#: AUTO_MIN_BATCH samples (see ``auto_batch_size``).
-AUTO_STEPS_PER_EPOCH = 100
-AUTO_MIN_BATCH = 16
+__all__ = ["EpochLog", "HybridLatencyModel", "auto_batch_size", "resolve_device"]
 
 
 def resolve_device(device: str) -> str:
@@ -119,57 +105,6 @@ def resolve_device(device: str) -> str:
     raise LatkitError(f"--device {device!r}: expected auto, cpu or cuda")
 
 
-def auto_batch_size(n_train: int, batch_size: int | None) -> int:
-    """The decode net's minibatch: ``batch_size`` when given, else max(16, n / 100).
-
-    Why not the original fixed 64: the net is tiny and every step costs about the same
-    whatever the batch, so a fixed 64 makes 100k samples x 50 epochs take 78k steps (minutes),
-    while small sets get too few steps to converge at lr 1e-3. About 100 steps per epoch
-    (5000 in 50 epochs) suits both: 100k samples train in seconds, 1k samples still converge.
-    """
-    if batch_size is not None:
-        if batch_size < 1:
-            raise LatkitError(f"--batch-size must be >= 1, got {batch_size}")
-        return int(batch_size)
-    return max(AUTO_MIN_BATCH, math.ceil(max(n_train, 1) / AUTO_STEPS_PER_EPOCH))
-
-
-@dataclass
-class EpochLog:
-    epoch: int  # 1-based
-    num_epochs: int
-    loss: float  # combined training loss (prefill_weight * prefill + decode_weight * decode)
-    decode_loss: float  # training decode loss (sum + step_weight * per-pass)
-    val_loss: float  # validation decode loss (NaN without validation data)
-    prefill_mae_ms: float  # trees on validation data (constant over epochs)
-    decode_total_mae_ms: float  # validation (training data when no validation split)
-    best: bool  # this epoch is the best so far (its weights are kept)
-
-
-@dataclass
-class _DecodeData:
-    """Per-sample training tensors of the decode net, packed for one gather per minibatch."""
-
-    packed: torch.Tensor  # [n, 5 + N_BASIS + 2 + N_BASIS^2 + N_BASIS + 2] float32, see _pack
-    n_steps: int
-
-    @property
-    def n(self) -> int:
-        return int(self.packed.shape[0])
-
-
-# Column layout of _DecodeData.packed.
-_F = len(FEATURE_NAMES)
-_P0, _P1 = _F, _F + N_BASIS  # prefix sum of the basis at n passes
-_TOT = _P1  # T_LLM_decode / s
-_NP = _P1 + 1  # n passes
-_G0, _G1 = _NP + 1, _NP + 1 + N_BASIS * N_BASIS  # sum basis basis^T over measured steps
-_H0, _H1 = _G1, _G1 + N_BASIS  # sum t_k basis(k) / s
-_Q = _H1  # sum t_k^2 / s^2
-_CNT = _H1 + 1  # measured steps
-_WIDTH = _CNT + 1
-
-
 def _finite_float(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
@@ -184,76 +119,31 @@ def _clean_metrics(metrics: Any) -> dict[str, Any]:
     return {k: (_finite_float(v) if isinstance(v, float) else v) for k, v in dict(metrics).items()}
 
 
+def _num_total_blocks(samples: pl.DataFrame) -> int | None:
+    """The profiled model's block count as its result files state it (the largest, should
+    they differ), or None when they do not say."""
+    if "num_total_blocks" not in samples.columns:
+        return None
+    value = samples["num_total_blocks"].max()
+    return int(value) if isinstance(value, int | float) else None
+
+
+def _stage_pairs(
+    samples: pl.DataFrame, pred: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(prefill actual, prefill predicted, decode actual, decode predicted) of a frame."""
+    return (
+        samples["T_prefill_total"].to_numpy().astype(np.float64),
+        pred["prefill_ms"],
+        samples["T_LLM_decode"].to_numpy().astype(np.float64),
+        pred["decode_total_ms"],
+    )
+
+
 def _check_columns(frame: pl.DataFrame, what: str) -> None:
     missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise LatkitError(f"{what} frame lacks columns: {', '.join(missing)}")
-
-
-def _build_decode_data(
-    samples: pl.DataFrame, steps: pl.DataFrame | None, scale_ms: float
-) -> _DecodeData:
-    """Tensors of the samples with >= 1 decode pass and a finite, positive T_LLM_decode
-    (a sample with passes but no decode time is junk, and would break the log loss)."""
-    usable = samples.filter(
-        (pl.col("n_decode_passes") > 0)
-        & pl.col("T_LLM_decode").is_finite()
-        & (pl.col("T_LLM_decode") > 0)
-    )
-    n = usable.height
-    packed = torch.zeros(n, _WIDTH, dtype=torch.float64)
-    n_steps = 0
-    if n:
-        packed[:, :_F] = torch.from_numpy(feature_matrix(usable).astype(np.float64))
-        passes = torch.from_numpy(usable["n_decode_passes"].to_numpy().astype(np.float64))
-        packed[:, _P0:_P1] = decode_basis_prefix_sum(passes)
-        packed[:, _TOT] = torch.from_numpy(usable["T_LLM_decode"].to_numpy().astype(np.float64))
-        packed[:, _TOT] /= scale_ms
-        packed[:, _NP] = passes
-    if n and steps is not None and steps.height and "sample_key" in usable.columns:
-        index = usable.select("sample_key").with_row_index("_pos")
-        joined = steps.join(index, on="sample_key", how="inner").filter(
-            (pl.col("k") >= 1) & pl.col("T_decode_pass").is_finite() & (pl.col("T_decode_pass") > 0)
-        )
-        if joined.height:
-            rows = torch.from_numpy(joined["_pos"].to_numpy().astype(np.int64))
-            k = torch.from_numpy(joined["k"].to_numpy().astype(np.float64))
-            t = torch.from_numpy(joined["T_decode_pass"].to_numpy().astype(np.float64)) / scale_ms
-            basis = decode_basis(k)  # [S, N_BASIS], one vectorised evaluation for all steps
-            outer = (basis.unsqueeze(-1) * basis.unsqueeze(-2)).reshape(-1, N_BASIS * N_BASIS)
-            packed[:, _G0:_G1].index_add_(0, rows, outer)
-            packed[:, _H0:_H1].index_add_(0, rows, basis * t.unsqueeze(-1))
-            packed[:, _Q].index_add_(0, rows, t * t)
-            packed[:, _CNT].index_add_(0, rows, torch.ones_like(t))
-            n_steps = int(joined.height)
-    return _DecodeData(packed=packed.to(torch.float32), n_steps=n_steps)
-
-
-def decode_loss_terms(
-    coef: torch.Tensor, batch: torch.Tensor, scale_ms: float, sum_loss: str = "mse"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed-sequence loss, per-pass loss, number of measured passes) of a packed batch.
-
-    ``coef`` [b, N_BASIS] in ms; ``batch`` rows of ``_DecodeData.packed``. Both losses are
-    dimensionless (errors in units of the typical pass time ``scale_ms``). ``sum_loss="log"``
-    compares log(predicted sum) with log(T_LLM_decode) instead (a relative error).
-    """
-    c = coef / scale_ms
-    pred_total = (c * batch[:, _P0:_P1]).sum(-1)
-    if sum_loss == "log":
-        seq_err = torch.log(pred_total.clamp(min=1e-6)) - torch.log(batch[:, _TOT].clamp(min=1e-6))
-    else:
-        seq_err = (pred_total - batch[:, _TOT]) / torch.clamp(batch[:, _NP], min=1.0)
-    seq_loss = (seq_err * seq_err).mean()
-    gram = batch[:, _G0:_G1].reshape(-1, N_BASIS, N_BASIS)
-    quad = (
-        torch.einsum("bi,bij,bj->b", c, gram, c)
-        - 2.0 * (c * batch[:, _H0:_H1]).sum(-1)
-        + batch[:, _Q]
-    )
-    count = batch[:, _CNT].sum()
-    pass_loss = quad.sum() / torch.clamp(count, min=1.0)
-    return seq_loss, pass_loss, count
 
 
 class HybridLatencyModel:
@@ -282,6 +172,7 @@ class HybridLatencyModel:
         cpu_threads: int | None = 1,
         sum_loss: str = "log",
         calibration_fraction: float = 0.2,
+        decode_inputs: tuple[str, ...] | list[str] = DEFAULT_INPUTS,
     ) -> None:
         self.device = device
         self.seed = seed
@@ -301,7 +192,8 @@ class HybridLatencyModel:
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
         self.calibration_fraction = calibration_fraction
-        self.decode_net = DecodeNet(hidden=hidden, n_layers=n_layers)
+        self.decode_inputs = tuple(decode_inputs)
+        self.decode_net = DecodeNet(hidden=hidden, n_layers=n_layers, inputs=self.decode_inputs)
         self.manifest = {}
         self.training_data: pl.DataFrame | None = None
         self.history: list[EpochLog] = []
@@ -328,6 +220,7 @@ class HybridLatencyModel:
             "cpu_threads": self.cpu_threads,
             "sum_loss": self.sum_loss,
             "calibration_fraction": self.calibration_fraction,
+            "decode_inputs": list(self.decode_inputs),
         }
 
     # -- fit ----------------------------------------------------------------------------
@@ -390,11 +283,7 @@ class HybridLatencyModel:
         self.bounds = ConformalBounds()
         if calibration_samples.height:
             pred = self.predict_frame(calibration_samples)
-            prefill_true = calibration_samples["T_prefill_total"].to_numpy().astype(np.float64)
-            decode_true = calibration_samples["T_LLM_decode"].to_numpy().astype(np.float64)
-            self.bounds = ConformalBounds.fit(
-                prefill_true, pred["prefill_ms"], prefill_true + decode_true, pred["total_ms"]
-            )
+            self.bounds = ConformalBounds.fit(*_stage_pairs(calibration_samples, pred))
         present = [c for c in TRAINING_DATA_COLUMNS if c in samples.columns]
         self.training_data = pl.concat(
             [
@@ -427,6 +316,22 @@ class HybridLatencyModel:
         rel = (self.prefill.predict(x[ok]) - y[ok]) / y[ok]
         return float(np.mean(rel * rel))
 
+    def _decode_training(self) -> DecodeTraining:
+        return DecodeTraining(
+            hidden=self.hidden,
+            n_layers=self.n_layers,
+            inputs=self.decode_inputs,
+            seed=self.seed,
+            num_epochs=self.num_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            step_weight=self.step_weight,
+            sum_loss=self.sum_loss,
+            prefill_weight=self.prefill_weight,
+            decode_weight=self.decode_weight,
+            cpu_threads=self.cpu_threads,
+        )
+
     def _fit_decode(
         self,
         samples: pl.DataFrame,
@@ -439,15 +344,9 @@ class HybridLatencyModel:
         on_epoch: Callable[[EpochLog], None] | None,
         progress: bool,
     ) -> None:
-        from tqdm.auto import tqdm
-
-        passes = samples["n_decode_passes"].to_numpy().astype(np.float64)
-        totals = samples["T_LLM_decode"].to_numpy().astype(np.float64)
-        ok = (passes > 0) & np.isfinite(totals) & (totals > 0)
-        scale = float(totals[ok].sum() / passes[ok].sum()) if ok.any() else 1.0
-        scale = scale if scale > 0 else 1.0
-        train = _build_decode_data(samples, steps, scale)
-        val = _build_decode_data(val_samples, val_steps, scale) if val_samples is not None else None
+        scale = decode_scale_ms(samples)
+        train = build_decode_data(samples, steps, scale)
+        val = build_decode_data(val_samples, val_steps, scale) if val_samples is not None else None
         self._decode_scale_ms = scale
         self._decode_counts = {
             "train_samples": train.n,
@@ -455,115 +354,20 @@ class HybridLatencyModel:
             "val_samples": val.n if val else 0,
             "val_steps": val.n_steps if val else 0,
         }
-
-        # On the CPU every op used here is deterministic already, and switching the global flag
-        # costs seconds of imports (torch._inductor); on CUDA ask for deterministic kernels.
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        if device != "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        # The net is tiny (a few thousand weights): intra-op threads buy nothing and, on a
-        # shared machine, spin-wait for busy cores (measured: 3 ms per step with one thread,
-        # 167 ms with two on 2 loaded cores). Same thread count also keeps results repeatable.
-        threads = torch.get_num_threads()
-        if device == "cpu" and self.cpu_threads is not None:
-            torch.set_num_threads(self.cpu_threads)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                net = DecodeNet(hidden=self.hidden, n_layers=self.n_layers)
-            # Standardise over the samples the net trains on (all samples if none has a pass).
-            norm_x = train.packed[:, :_F].numpy() if train.n else feature_matrix(samples)
-            net.set_normalisation(norm_x, scale)
-            if train.n:
-                net.warm_start(
-                    train.packed[:, :_F],
-                    train.packed[:, _TOT] / train.packed[:, _NP].clamp(min=1.0),
-                )
-            net.to(device)
-            self.history = []
-            if train.n == 0:
-                log.warning("No sample has a decode pass: the decode net stays at its prior.")
-                self.decode_net = net.cpu().eval()
-                return
-            data = train.packed.to(device)
-            val_data = val.packed.to(device) if val is not None and val.n else None
-            batch = min(auto_batch_size(train.n, self.batch_size), train.n)
-            steps_per_epoch = math.ceil(train.n / batch)
-            total_steps = max(1, steps_per_epoch * self.num_epochs)
-            optimizer = torch.optim.Adam(net.parameters(), lr=self.lr)
-            # Cosine decay to 5 % of lr: large early steps, fine convergence at the end.
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                lambda step: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * step / total_steps)),
-            )
-            generator = torch.Generator().manual_seed(self.seed)
-            best_val = math.inf
-            best_state: dict[str, torch.Tensor] | None = None
-            bar = tqdm(
-                range(1, self.num_epochs + 1),
-                desc="Training",
-                unit="epoch",
-                disable=not progress,
-                file=sys.stderr,
-                leave=False,
-            )
-            for epoch in bar:
-                net.train()
-                order = torch.randperm(train.n, generator=generator).to(device)
-                epoch_loss = torch.zeros((), device=device)
-                for start in range(0, train.n, batch):
-                    rows = data[order[start : start + batch]]
-                    seq, per_pass, _ = decode_loss_terms(
-                        net(rows[:, :_F]), rows, scale, self.sum_loss
-                    )
-                    loss = seq + self.step_weight * per_pass
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    epoch_loss += loss.detach() * rows.shape[0]
-                decode_train = float(epoch_loss) / train.n
-                net.eval()
-                with torch.no_grad():
-                    ref = val_data if val_data is not None else data
-                    coef = net(ref[:, :_F])
-                    seq, per_pass, _ = decode_loss_terms(coef, ref, scale, self.sum_loss)
-                    val_loss = float(seq + self.step_weight * per_pass)
-                    pred_total = (coef * ref[:, _P0:_P1]).sum(-1)
-                    mae = float((pred_total - ref[:, _TOT] * scale).abs().mean())
-                is_best = val_loss < best_val
-                if is_best:
-                    best_val = val_loss
-                    best_state = copy.deepcopy(net.state_dict())
-                entry = EpochLog(
-                    epoch=epoch,
-                    num_epochs=self.num_epochs,
-                    loss=self.prefill_weight * prefill_term + self.decode_weight * decode_train,
-                    decode_loss=decode_train,
-                    val_loss=val_loss if val_data is not None else math.nan,
-                    prefill_mae_ms=prefill_mae,
-                    decode_total_mae_ms=mae,
-                    best=is_best,
-                )
-                self.history.append(entry)
-                bar.set_postfix(loss=f"{entry.loss:.4g}", dec_mae=f"{mae:.3g}ms")
-                if on_epoch is not None:
-                    on_epoch(entry)
-            bar.close()
-            if best_state is not None:
-                net.load_state_dict(best_state)
-            self.decode_net = net.cpu().eval()
-        finally:
-            torch.set_num_threads(threads)
-            if device != "cpu":
-                torch.use_deterministic_algorithms(deterministic)
+        self.decode_net, self.history = fit_decode_net(
+            self._decode_training(),
+            train,
+            val,
+            scale,
+            feature_matrix(samples),
+            device,
+            prefill_term=prefill_term,
+            prefill_mae_ms=prefill_mae,
+            on_epoch=on_epoch,
+            progress=progress,
+        )
 
     # -- predict ------------------------------------------------------------------------
-    def _decode_coef(self, features: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(features, dtype=np.float32)))
-        with torch.no_grad():
-            return self.decode_net(x)
-
     def predict(self, features: np.ndarray, output_tokens: np.ndarray) -> dict[str, np.ndarray]:
         """All predictions for B configurations, ms, float64 [B] each (see the contract)."""
         x = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
@@ -578,7 +382,10 @@ class HybridLatencyModel:
         cal = self.calibration
         prefill = cal.prefill(self.prefill.predict(x))
         with torch.no_grad():
-            total, _ = decode_outputs(self._decode_coef(x), torch.from_numpy(tokens))
+            x_tensor = torch.from_numpy(x)
+            total, _ = decode_outputs(
+                self.decode_net(x_tensor), torch.from_numpy(tokens), prompt_tokens(x_tensor)
+            )
         passes = np.clip(tokens.astype(np.float64) - 1.0, 0.0, None)
         decode_total = cal.decode_total(total.numpy().astype(np.float64), passes)
         per_token = np.where(passes > 0, decode_total / np.maximum(passes, 1.0), 0.0)
@@ -589,7 +396,7 @@ class HybridLatencyModel:
             "decode_per_token_ms": per_token,
             "total_ms": total,
         }
-        out.update(self.bounds.apply(prefill, total))
+        out.update(self.bounds.apply(prefill, decode_total))
         return {name: out[name] for name in OUTPUT_NAMES}
 
     def supported_ranges(self) -> dict[str, tuple[float, float]]:
@@ -600,8 +407,23 @@ class HybridLatencyModel:
             name: supported_range(name, *ranges[name]) for name in FEATURE_NAMES if name in ranges
         }
 
-    def extrapolation(self, features: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """(bool [B]: row lies beyond the supported range, one message per such feature)."""
+    def supported_output_tokens(self) -> float:
+        """Largest output length answered without an extrapolation flag (a stated multiple
+        of the longest trained answer, ``toolkit.features.OUTPUT_TOKENS_MULTIPLE``); inf for a
+        manifest without the training range."""
+        tokens = self.manifest.get("training_summary", {}).get("output_tokens_range")
+        return supported_output_tokens(tokens[1]) if tokens else math.inf
+
+    @property
+    def num_total_blocks(self) -> int | None:
+        """Decoder blocks of the profiled model (from the training data), when recorded."""
+        value = self.manifest.get("training_summary", {}).get("num_total_blocks")
+        return int(value) if value is not None else None
+
+    def extrapolation(
+        self, features: np.ndarray, output_tokens: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """(bool [B]: row lies beyond the supported range, one message per such input)."""
         x = np.asarray(features, dtype=np.float64)
         flags = np.zeros(x.shape[0], dtype=bool)
         messages = []
@@ -617,6 +439,19 @@ class HybridLatencyModel:
                     f"{lo:g}-{hi:g} by more than the supported margin ({low:g}-{high:g}); "
                     "the prediction is an extrapolation"
                 )
+        if output_tokens is not None:
+            tokens = np.asarray(output_tokens, dtype=np.float64).ravel()
+            limit = self.supported_output_tokens()
+            beyond = tokens > limit
+            if beyond.any():
+                flags |= beyond
+                longest = self.manifest["training_summary"]["output_tokens_range"][1]
+                messages.append(
+                    f"warning: output_tokens {_fmt_values(tokens[beyond])} is beyond "
+                    f"{OUTPUT_TOKENS_MULTIPLE:g}x the longest trained answer ({longest:g} "
+                    f"tokens, supported up to {limit:g}); the decode prediction is an "
+                    "extrapolation"
+                )
         return flags, messages
 
     def answer_budget(self, text_tokens: int, budget_ms: float, **options: Any) -> pl.DataFrame:
@@ -627,6 +462,7 @@ class HybridLatencyModel:
         """
         from toolkit.controller import answer_budget
 
+        options.setdefault("supported_output_tokens", self.supported_output_tokens())
         return answer_budget(self.predict, text_tokens, budget_ms, **options)
 
     def max_output_tokens(
@@ -660,12 +496,12 @@ class HybridLatencyModel:
 
     def predict_decode_passes(self, features: np.ndarray, ks: np.ndarray) -> np.ndarray:
         """Time of decode passes ``ks`` (1-based), ms: ks [K] or [B, K] -> [B, K] float64."""
-        coef = self._decode_coef(features)
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(features, dtype=np.float32)))
         k = torch.as_tensor(np.asarray(ks, dtype=np.float32))
         if k.dim() == 1:
-            k = k.unsqueeze(0).expand(coef.shape[0], -1)
+            k = k.unsqueeze(0).expand(x.shape[0], -1)
         with torch.no_grad():
-            out = (coef.unsqueeze(1) * decode_basis(k)).sum(-1)
+            out = decode_pass_ms(self.decode_net(x), k, prompt_tokens(x))
         return self.calibration.decode_pass(out.numpy().astype(np.float64))
 
     # -- description --------------------------------------------------------------------
@@ -688,6 +524,7 @@ class HybridLatencyModel:
                 int(samples["output_tokens"].to_numpy().max()),
             ],
             "configs": int(samples["config"].n_unique()) if "config" in samples.columns else None,
+            "num_total_blocks": _num_total_blocks(samples),
             "decode": dict(self._decode_counts),
         }
         best = [h for h in self.history if h.best]
@@ -712,7 +549,7 @@ class HybridLatencyModel:
             # The bounds as training calibrated them (recalibration replaces "bounds").
             "trained_bounds": self.bounds.to_dict(),
             "n_basis": N_BASIS,
-            "decode_basis": {"terms": list(BASIS_TERMS), "K0": K0},
+            "decode_basis": {"terms": list(BASIS_TERMS), "kv_unit": KV_UNIT},
             "decode_net": self.decode_net.hyper_params(),
             "decode_scale_ms": self._decode_scale_ms,
             "model_params": self.get_params(),
