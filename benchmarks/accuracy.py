@@ -21,7 +21,8 @@ it):
    recalibration curve (CPU sweeps only; ``--no-evaluate`` skips 4).
 
     python benchmarks/accuracy.py [--results-dir DIR --target-results-dir DIR] [--seeds 0,1,2]
-        [--precise-dir DIR | --no-precise] [--splits sample,config,sparse,extrap]
+        [--precise-dir DIR | --no-precise] [--no-measured] [--no-evaluate]
+        [--splits sample,config,sparse,extrap]
 """
 
 from __future__ import annotations
@@ -398,6 +399,9 @@ def main() -> None:
     )
     parser.add_argument("--precise-dir", type=Path, help="a precise sweep already written")
     parser.add_argument("--no-precise", action="store_true", help="skip the precise sweep")
+    parser.add_argument(
+        "--no-measured", action="store_true", help="only the precise sweep, no measured one"
+    )
     parser.add_argument("--no-evaluate", action="store_true", help="skip evaluate/recalibrate")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the splits")
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits")
@@ -418,7 +422,7 @@ def main() -> None:
             (bundled_data_dir() / sweep, bundled_data_dir() / target if target else None)
             for sweep, target in BUNDLED.values()
         ]
-    for results_dir, target_dir in pairs:
+    for results_dir, target_dir in [] if args.no_measured else pairs:
         report_sweep(results_dir, target_dir, seeds, splits, False, not args.no_evaluate)
     if args.no_precise:
         return
