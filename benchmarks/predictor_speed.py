@@ -320,8 +320,10 @@ def table_prefill_model(predictor: FusedPredictor) -> bytes:
             self.fused = fused
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
+            # The first Gemm reads [features, output_tokens]; the table ignores the tokens.
+            inputs = torch.cat([features, torch.zeros_like(features[:, :1])], 1)
             first = torch.nn.functional.hardtanh(
-                torch.addmm(self.fused.first_bias, features, self.fused.first_weight), 0.0, 1.0
+                torch.addmm(self.fused.first_bias, inputs, self.fused.first_weight), 0.0, 1.0
             )
             index = torch.matmul(first, self.fused.strides).reshape(-1).to(torch.int64)
             return self.fused.table.index_select(0, index)

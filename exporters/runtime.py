@@ -36,10 +36,11 @@ Inputs are validated: wrong shapes, NaN/inf and impossible values (negative toke
 top_k or num_active_blocks below 1, a tier other than 0/1/2, values above the exported
 graph's limits) raise ``InputError`` naming the field. Rows beyond the supported range, the
 training range widened by ``EXTRAPOLATION_MARGIN`` of its width on each side (the tier:
-exactly the trained tiers; output tokens: above the widened longest answer), are flagged in
-``out["out_of_range"]`` and, by default, warned about: the physics baseline carries the
-prefill that far, past it a prediction is an extrapolation. ``toolkit.features`` holds the
-same rule (``supported_range``); a test keeps the two copies equal.
+exactly the trained tiers; output tokens: above ``OUTPUT_TOKENS_MULTIPLE`` x the longest
+trained answer, how far decode's growth was measured to hold), are flagged in
+``out["out_of_range"]`` and, by default, warned about: past them a prediction is an
+extrapolation. ``toolkit.features`` holds the same rules (``supported_range``,
+``supported_output_tokens``); a test keeps the two copies equal.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ _TOTAL_OUTPUTS = {"mean": "total_ms", "p90": "total_p90_ms", "p95": "total_p95_m
 #: Share of a training range's width by which the supported range extends beyond each end
 #: (``toolkit.features.EXTRAPOLATION_MARGIN``).
 EXTRAPOLATION_MARGIN = 0.5
+#: Output lengths up to this multiple of the longest trained answer are answered without a
+#: flag (``toolkit.features.OUTPUT_TOKENS_MULTIPLE``).
+OUTPUT_TOKENS_MULTIPLE = 8.0
 #: The smallest possible value of each input (``toolkit.features.FEATURE_MINIMUM``).
 FEATURE_MINIMUM = {
     "vision_tokens": 0.0,
@@ -334,8 +338,10 @@ class LatencyPredictor:
         )
         tokens_range = summary.get("output_tokens_range")
         self._tokens_high = (
-            supported_range("output_tokens", *tokens_range)[1] if tokens_range else np.inf
+            OUTPUT_TOKENS_MULTIPLE * float(tokens_range[1]) if tokens_range else np.inf
         )
+        # Above it the graph's decode factors would clip: refused like a feature's limit.
+        self._tokens_limit = float(self.metadata.get("output_tokens_limit", np.inf))
         limits = self.metadata.get("feature_limits") or {}
         self._limits: dict[str, float] = {k: float(v) for k, v in limits.items()}
         # Idle bound buffers per batch size, oldest batch size first (see ``run``). Calls
@@ -470,6 +476,12 @@ class LatencyPredictor:
         """``check_inputs`` + ``impossible_inputs``: validated float32 arrays, or InputError."""
         x, n = check_inputs(features, second, len(self.feature_names), name, self.feature_names)
         problems = impossible_inputs(x, self.feature_names, len(self.tiers), self._limits)
+        if name == "output_tokens" and (n > self._tokens_limit).any():
+            row = int(np.argmax(n > self._tokens_limit))
+            problems.append(
+                f"output_tokens must be <= {self._tokens_limit:g} (the exported graph's limit): "
+                f"row {row} has {n[row]:g}"
+            )
         if problems:
             raise InputError("impossible input: " + "; ".join(problems))
         return x, n
@@ -486,11 +498,14 @@ class LatencyPredictor:
                 low, high = self.training_ranges[name]
                 parts.append(f"{name} (trained {low:g}-{high:g})")
         if (n > self._tokens_high).any():
-            parts.append("output_tokens")
+            parts.append(
+                f"output_tokens (beyond {OUTPUT_TOKENS_MULTIPLE:g}x the longest trained answer, "
+                f"{self._tokens_high:g})"
+            )
         return (
-            f"{int(flags.sum())} of {len(flags)} rows outside the training range of "
-            f"{', '.join(parts)} by more than {EXTRAPOLATION_MARGIN:.0%} of its width: "
-            "predictions there are extrapolations"
+            f"{int(flags.sum())} of {len(flags)} rows outside the supported range of "
+            f"{', '.join(parts)} (features: {EXTRAPOLATION_MARGIN:.0%} of the training range's "
+            "width beyond it): predictions there are extrapolations"
         )
 
     def run(self, features: np.ndarray, output_tokens: np.ndarray) -> dict[str, np.ndarray]:

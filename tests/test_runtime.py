@@ -155,6 +155,7 @@ def test_supported_range_is_the_toolkits(exported) -> None:
     """The runtime keeps its own copy of the range rule (it imports nothing from latkit):
     the two must agree on every feature and on output tokens."""
     assert runtime.EXTRAPOLATION_MARGIN == features_module.EXTRAPOLATION_MARGIN
+    assert runtime.OUTPUT_TOKENS_MULTIPLE == features_module.OUTPUT_TOKENS_MULTIPLE
     assert runtime.FEATURE_MINIMUM == features_module.FEATURE_MINIMUM
     assert runtime.DEFAULT_FEATURE_NAMES == FEATURE_NAMES
     ranges = [(0.0, 2.0), (1.0, 1.0), (432.0, 2304.0), (20.0, 119.0), (4.0, 12.0), (-3.0, 7.5)]
@@ -170,6 +171,7 @@ def test_supported_range_is_the_toolkits(exported) -> None:
     for name in FEATURE_NAMES:
         want = features_module.supported_range(name, *trained[name])
         assert predictor.supported_ranges[name] == want
+    assert predictor._tokens_high == model.supported_output_tokens()
 
 
 def test_out_of_training_range_is_flagged(exported) -> None:
@@ -187,16 +189,27 @@ def test_out_of_training_range_is_flagged(exported) -> None:
     with pytest.warns(OutOfRangeWarning, match="text_tokens"):
         out = LatencyPredictor(path).predict(far, n)
     assert out["out_of_range"].tolist() == [True, False, False]
-    tokens_low, tokens_high = model.manifest["training_summary"]["output_tokens_range"]
+    # Output tokens: flagged beyond the stated multiple of the longest trained answer, as
+    # the model itself (and latkit predict) flags them.
+    limit = model.supported_output_tokens()
     longer = n.copy()
-    longer[1] = tokens_high + 0.55 * (tokens_high - tokens_low)
+    longer[1] = limit + 1
     flagged_tokens = LatencyPredictor(path, on_out_of_range="flag").predict(x, longer)
     assert flagged_tokens["out_of_range"].tolist() == [False, True, False]
+    assert model.extrapolation(x, longer)[0].tolist() == [False, True, False]
+    longer[1] = limit
+    assert (
+        not LatencyPredictor(path, on_out_of_range="flag").predict(x, longer)["out_of_range"].any()
+    )
+    with pytest.warns(OutOfRangeWarning, match="output_tokens"):
+        LatencyPredictor(path).predict(x, np.array([5000.0, 3.0, 3.0], np.float32))
+    with pytest.raises(InputError, match=r"output_tokens must be <= 1\.67772e\+07"):
+        LatencyPredictor(path).predict(x, np.array([2.0**25, 3.0, 3.0], np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flagged = LatencyPredictor(path, on_out_of_range="flag").predict(far, n)
     assert flagged["out_of_range"][0]
-    with pytest.raises(InputError, match="outside the training range"):
+    with pytest.raises(InputError, match="outside the supported range"):
         LatencyPredictor(path, on_out_of_range="error").predict(far, n)
 
 
