@@ -43,6 +43,7 @@ import xgboost as xgb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import split_parts
 from precise_sweep import write_precise_sweep
 
 from reports.evaluation import noise_floor, run_evaluation
@@ -53,7 +54,7 @@ from toolkit.features import feature_matrix
 from toolkit.metrics import bias_share, regression_metrics
 from toolkit.models.physics import PhysicsBaseline
 from toolkit.recalibrate import recalibration_curve
-from toolkit.training import knob_split, split_samples, train_model
+from toolkit.training import split_samples, train_model
 
 TARGETS = {"prefill": (2.0, 0.99), "decode_total": (6.0, 0.97)}
 #: The models compared on every split: label -> (structure, further PrefillModel parameters).
@@ -144,10 +145,7 @@ class PlainScore:
 
 
 def score_plain(samples: pl.DataFrame, split: str, seed: int) -> PlainScore:
-    if split == "sample":
-        train, held = split_samples(samples, "sample", 0.2, seed)
-    else:
-        train, held = knob_split(samples, split)
+    train, held = split_parts(samples, split, seed)
     started = time.perf_counter()
     booster = plain_xgboost_prefill(train, seed)
     seconds = time.perf_counter() - started
@@ -325,10 +323,7 @@ def report_baseline_alone(samples: pl.DataFrame, seeds: list[int], splits: list[
     for split in splits:
         mape, bias = [], []
         for seed in seeds:
-            if split == "sample":
-                profiled, held = split_samples(samples, "sample", 0.2, seed)
-            else:
-                profiled, held = knob_split(samples, split)
+            profiled, held = split_parts(samples, split, seed)
             fit, _ = split_samples(profiled, "sample", 0.2, seed)
             baseline = PhysicsBaseline.fit(feature_matrix(fit), fit["T_prefill_total"].to_numpy())
             actual = held["T_prefill_total"].to_numpy()

@@ -38,7 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import split_parts
 from precise_sweep import write_precise_sweep
+from synthetic import dense_monotone_grid
 
 from reports.knob_splits import SPLITS
 from toolkit.data import load_results
@@ -52,7 +54,7 @@ from toolkit.models.prefill_table import (
     row_strides,
     tree_grid,
 )
-from toolkit.training import knob_split, split_samples
+from toolkit.training import split_samples
 
 Predict = Callable[[np.ndarray], np.ndarray]
 #: Monotone constraints that do not bind on stair-shaped data: text tokens and blocks only.
@@ -115,23 +117,7 @@ def dense_grid_drops(
 ) -> dict[str, tuple[float, float]]:
     """Per monotone feature: (share of steps that decrease, largest relative drop) along the
     dense grid of tests/test_models.py (every integer instead, with ``integers``)."""
-    rng = np.random.default_rng(0)
-    base = np.column_stack(
-        [
-            rng.choice([288, 432, 864, 1296, 2016], 40),
-            rng.integers(20, 120, 40),
-            rng.integers(0, 3, 40),
-            rng.choice([4, 8, 12], 40),
-            rng.choice([8, 12, 16], 40),
-        ]
-    ).astype(np.float32)
-    top = float(x[:, 0].max()) + 0.5 * float(x[:, 0].max() - x[:, 0].min())
-    sweeps = {
-        0: np.arange(0, top) if integers else np.linspace(0, top, 97),
-        1: np.arange(0, 401) if integers else np.linspace(0, 400, 161),
-        3: np.arange(1, 17) if integers else np.linspace(1, 16, 61),
-        4: np.arange(1, 21) if integers else np.linspace(1, 20, 77),
-    }
+    base, sweeps = dense_monotone_grid(float(x[:, 0].min()), float(x[:, 0].max()), integers)
     out = {}
     for j, values in sweeps.items():
         assert PREFILL_MONOTONE[j] == 1
@@ -149,10 +135,7 @@ def run(results_dir: Path, seeds: list[int], splits: list[str]) -> None:
     drops: dict[str, dict[bool, dict[str, tuple[float, float]]]] = {}
     for seed in seeds:
         for split in splits:
-            if split == "sample":
-                train, held = split_samples(samples, "sample", 0.2, seed)
-            else:
-                train, held = knob_split(samples, split)
+            train, held = split_parts(samples, split, seed)
             fit, val = split_samples(train, "sample", 0.2, seed)
             x, y = feature_matrix(fit), fit["T_prefill_total"].to_numpy()
             vx, vy = feature_matrix(val), val["T_prefill_total"].to_numpy()
