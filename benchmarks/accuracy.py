@@ -1,20 +1,28 @@
-"""Accuracy on real measured data: held-out samples, never-profiled configurations, bounds.
+"""Accuracy on measured CPU sweeps and on a SIMULATED precise (GPU-like) sweep.
 
-For each bundled sweep (``data/core_exp_small_cpu`` and ``data/core_exp_tiny_cpu``, or
-``--results-dir``, repeatable):
+For each sweep (``data/core_exp_small_cpu`` and ``data/core_exp_tiny_cpu``, or
+``--results-dir``, repeatable; then the precise sweep of ``benchmarks/precise_sweep.py``,
+written into a temporary directory unless ``--precise-dir`` names one, ``--no-precise`` skips
+it):
 
-1. the knob splits of DESIGN.md (``reports.knob_splits``) for the physics x trees model and
-   latkit 0.2's trees-only prefill, over ``--seeds``: MAPE (and its ratio to the sample
-   split's), bias, coverage of the bounds and their width, and the seed-to-seed spread;
-2. ``latkit evaluate --baselines --held-out-only`` of the default model (random split): the
-   DESIGN.md targets against the data's noise floor (the error a perfect model would make,
-   from samples that repeat identical work; where the data is noisier than a target, the
-   target is 1.25x the floor), and the baselines fit on the same training split;
-3. with a second sweep of the same grid measured under another condition (2 threads), the
-   recalibration curve: MAPE and coverage of ``total_p95_ms`` after recalibration on N
-   target samples, against a model trained on the target.
+1. the noise floor: the error a perfect model would make, from samples that repeat identical
+   work (``reports.evaluation.noise_floor``, over the whole sweep);
+2. the four splits of DESIGN.md (20 % of samples held out; top_k 10 / 14 blocks, the sparse
+   3x3 grid's 48 configurations and top_k 12 / 16 blocks never profiled), over ``--seeds``,
+   for latkit (this version: capacity chosen by the data, monotone table), latkit 0.3's
+   prefill settings (monotone trees of depth 6, no search, no interpolation), latkit 0.2's
+   trees alone, and plain XGBoost (raw features, log target, unconstrained, early stopping on
+   the same validation split; prefill only): prefill MAPE and bias, decode MAPE, coverage of
+   the bounds and the width of ``total_p95_ms``, training seconds; then the prefill table of
+   every model against the floor, and the issue's targets;
+3. the physics baseline alone on the same splits;
+4. ``latkit evaluate --baselines --held-out-only`` of the default model (random split), and
+   with a second sweep of the same grid measured under another condition (2 threads) the
+   recalibration curve (CPU sweeps only; ``--no-evaluate`` skips 4).
 
     python benchmarks/accuracy.py [--results-dir DIR --target-results-dir DIR] [--seeds 0,1,2]
+        [--precise-dir DIR | --no-precise] [--no-measured] [--no-evaluate]
+        [--splits sample,config,sparse,extrap]
 """
 
 from __future__ import annotations
@@ -22,23 +30,43 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import xgboost as xgb
 
-from reports.evaluation import run_evaluation
-from reports.knob_splits import SPLITS, format_split_table, score_split
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import split_parts
+from precise_sweep import write_precise_sweep
+
+from reports.evaluation import noise_floor, run_evaluation
+from reports.knob_splits import SPLITS, SplitScore, format_split_table, score_split
 from toolkit.data import load_results
 from toolkit.demo import BUNDLED, bundled_data_dir
 from toolkit.features import feature_matrix
 from toolkit.metrics import bias_share, regression_metrics
 from toolkit.models.physics import PhysicsBaseline
 from toolkit.recalibrate import recalibration_curve
-from toolkit.training import knob_split, split_samples, train_model
+from toolkit.training import split_samples, train_model
 
 TARGETS = {"prefill": (2.0, 0.99), "decode_total": (6.0, 0.97)}
+#: The models compared on every split: label -> (structure, further PrefillModel parameters).
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "latkit": ("physics", {}),
+    "0.3": ("physics", {"capacity_search": False, "knob_interpolation": False}),
+    "0.2": ("trees", {}),
+}
+#: DESIGN.md / issue 17 targets on precise data: MAPE / noise floor per split.
+FLOOR_TARGETS = {"sample": 1.5, "config": 2.0, "sparse": 2.0, "extrap": 2.0}
+#: On never-profiled configurations: MAPE at most this many times the sample split's (CPU).
+RATIO_TARGETS = {"config": 1.10, "sparse": 1.15, "extrap": 1.25}
 
 
 def _verdict(mape: float, r2: float, floor: float, target_mape: float, target_r2: float) -> str:
@@ -82,48 +110,220 @@ def report_baselines(result: dict[str, Any]) -> None:
         )
 
 
-def report_knob_splits(results_dir: Path, seeds: list[int]) -> None:
-    loaded = load_results(results_dir)
-    scores = [
-        score_split(loaded.samples, loaded.steps, split, seed=seed, structure=structure)
-        for structure in ("physics", "trees")
-        for seed in seeds
-        for split in SPLITS
-    ]
-    print(f"\nknob splits ({loaded.samples.height} samples, held-out parts never trained on):")
+# -- plain XGBoost ------------------------------------------------------------------------------
+
+
+def plain_xgboost_prefill(train: pl.DataFrame, seed: int) -> xgb.Booster:
+    """What a user would try first: XGBoost on the raw features and log(T_prefill_total),
+    no constraints, library defaults (depth 6, 256 bins) with learning rate 0.1 and early
+    stopping on the same seeded 20 % validation split ``latkit train`` takes."""
+    fit, val = split_samples(train, "sample", 0.2, seed)
+
+    def matrix(frame: pl.DataFrame, ref: Any = None) -> xgb.QuantileDMatrix:
+        target = np.log(frame["T_prefill_total"].to_numpy())
+        return xgb.QuantileDMatrix(feature_matrix(frame), target, ref=ref)
+
+    train_matrix = matrix(fit)
+    params = {"eta": 0.1, "seed": seed, "nthread": 1, "objective": "reg:squarederror"}
+    return xgb.train(
+        params,
+        train_matrix,
+        num_boost_round=2000,
+        evals=[(matrix(val, train_matrix), "val")],
+        callbacks=[xgb.callback.EarlyStopping(rounds=40, save_best=True)],
+        verbose_eval=False,
+    )
+
+
+@dataclass
+class PlainScore:
+    split: str
+    seed: int
+    prefill_mape_pct: float
+    prefill_bias: float
+    seconds: float
+
+
+def score_plain(samples: pl.DataFrame, split: str, seed: int) -> PlainScore:
+    train, held = split_parts(samples, split, seed)
+    started = time.perf_counter()
+    booster = plain_xgboost_prefill(train, seed)
+    seconds = time.perf_counter() - started
+    actual = held["T_prefill_total"].to_numpy()
+    predicted = np.exp(booster.inplace_predict(feature_matrix(held)))
+    return PlainScore(
+        split,
+        seed,
+        regression_metrics(actual, predicted)["mape_pct"],
+        bias_share(actual, predicted),
+        seconds,
+    )
+
+
+# -- the splits ---------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def report_models(
+    samples: pl.DataFrame,
+    steps: pl.DataFrame | None,
+    seeds: list[int],
+    splits: list[str],
+    precise: bool,
+) -> None:
+    floor = noise_floor(samples)
+    prefill_floor = floor["prefill"]["mape_pct"]
+    print(
+        f"\nnoise floor (samples repeating identical work, whole sweep): prefill "
+        f"{prefill_floor:.2f} % ({floor['prefill']['n']} samples in "
+        f"{floor['prefill']['n_groups']} groups), decode total "
+        f"{floor['decode_total']['mape_pct']:.2f} % ({floor['decode_total']['n']} samples)"
+    )
+    scores: list[SplitScore] = []
+    seconds: dict[str, list[float]] = {}
+    for label, (structure, params) in MODELS.items():
+        for seed in seeds:
+            for split in splits:
+                started = time.perf_counter()
+                scores.append(
+                    score_split(
+                        samples,
+                        steps,
+                        split,
+                        seed=seed,
+                        structure=structure,
+                        prefill_params=params,
+                        label=label,
+                    )
+                )
+                seconds.setdefault(label, []).append(time.perf_counter() - started)
+    plain = [score_plain(samples, split, seed) for seed in seeds for split in splits]
+    print(f"\nsplits ({samples.height} samples, held-out parts never trained on):")
     print(format_split_table(scores))
-    report_baseline_alone(loaded.samples, seeds)
-    for structure in ("physics", "trees"):
-        sample = [
-            s.held_out.prefill_mape_pct
-            for s in scores
-            if s.split == "sample" and s.structure == structure
+    report_prefill_table(scores, plain, splits, prefill_floor, seconds)
+    report_choices(scores)
+    if precise:
+        report_precise_targets(scores, plain, splits, prefill_floor)
+    else:
+        report_cpu_targets(scores, splits)
+
+
+def report_prefill_table(
+    scores: list[SplitScore],
+    plain: list[PlainScore],
+    splits: list[str],
+    floor: float,
+    seconds: dict[str, list[float]],
+) -> None:
+    """Prefill MAPE of every model per split (mean over seeds), with x the noise floor."""
+    print(f"\n  prefill MAPE % (x noise floor {floor:.2f} %), mean over seeds:")
+    print(f"  {'model':<12}" + "".join(f"{s:>17}" for s in splits) + f"{'train s':>10}")
+    rows: list[tuple[str, list[float], float]] = []
+    for label in MODELS:
+        values = [
+            _mean(
+                [
+                    s.held_out.prefill_mape_pct
+                    for s in scores
+                    if (s.structure, s.split) == (label, split)
+                ]
+            )
+            for split in splits
         ]
-        print(
-            f"  {structure}: sample-split prefill MAPE over seeds {min(sample):.2f}-"
-            f"{max(sample):.2f} % (the seed-to-seed spread)"
+        rows.append((label, values, _mean(seconds.get(label, []))))
+    values = [_mean([p.prefill_mape_pct for p in plain if p.split == split]) for split in splits]
+    rows.append(("plain XGB", values, _mean([p.seconds for p in plain])))
+    for label, values, train_s in rows:
+        cells = "".join(f"{v:>9.2f} ({v / floor:>4.2f}x)" for v in values)
+        print(f"  {label:<12}{cells}{train_s:>10.1f}")
+    print("  (train s: latkit models: train_on_frames, trees + decode net; plain: trees only)")
+
+
+def report_choices(scores: list[SplitScore]) -> None:
+    """What latkit's capacity search chose on each split and seed."""
+    choices: dict[str, int] = {}
+    for s in scores:
+        if s.structure != "latkit" or s.model is None:
+            continue
+        capacity = s.model.prefill.capacity
+        chosen = capacity.get("chosen", {})
+        key = (
+            f"{'monotone' if chosen.get('monotone_constraints') else 'free'} depth "
+            f"{chosen.get('max_depth')} mcw {chosen.get('min_child_weight', 1.0):g}"
         )
-    profiled = [s for s in scores if s.split == "sparse" and s.structure == "physics"]
-    if profiled and profiled[0].profiled is not None:
-        cover = [s.profiled.coverage["total_p95_ms"] for s in profiled if s.profiled]
+        choices[key] = choices.get(key, 0) + 1
+    print(
+        "  latkit's capacity choice (splits x seeds): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(choices.items(), key=lambda kv: -kv[1]))
+    )
+
+
+def _held(scores: list[SplitScore], label: str, split: str) -> list[Any]:
+    return [s.held_out for s in scores if (s.structure, s.split) == (label, split)]
+
+
+def report_precise_targets(
+    scores: list[SplitScore], plain: list[PlainScore], splits: list[str], floor: float
+) -> None:
+    print("\n  issue 17 targets on precise data (latkit):")
+    for split in splits:
+        mape = _mean([h.prefill_mape_pct for h in _held(scores, "latkit", split)])
+        ratio, target = mape / floor, FLOOR_TARGETS[split]
+        line = (
+            f"    {split:<8} prefill {mape:.2f} % = {ratio:.2f}x the floor "
+            f"(target <= {target}x: {'MET' if ratio <= target else 'MISSED'})"
+        )
+        if split == "sample":
+            xgb_mape = _mean([p.prefill_mape_pct for p in plain if p.split == split])
+            line += f"; plain XGBoost {xgb_mape:.2f} % ({'MET' if mape <= xgb_mape else 'MISSED'})"
+        print(line)
+    for split in splits:
+        held = _held(scores, "latkit", split)
+        cover = _mean([h.coverage["total_p95_ms"] for h in held])
+        width = _mean([h.total_p95_width for h in held])
         print(
-            "  sparse grid, validation samples of its 9 profiled configurations per tier: "
-            f"total_p95_ms covers {100 * float(sum(cover) / len(cover)):.1f} %"
+            f"    {split:<8} total_p95_ms covers {100 * cover:.1f} % (target 92-98 %: "
+            f"{'MET' if 0.92 <= cover <= 0.98 else 'MISSED'}), median width "
+            f"{width:.3f} (target <= 1.05: {'MET' if width <= 1.05 else 'MISSED'})"
         )
 
 
-def report_baseline_alone(samples: pl.DataFrame, seeds: list[int]) -> None:
+def report_cpu_targets(scores: list[SplitScore], splits: list[str]) -> None:
+    print("\n  against latkit 0.3 (prefill MAPE latkit / 0.3, target <= 1.02x) and DESIGN.md:")
+    reference = _mean([h.prefill_mape_pct for h in _held(scores, "latkit", "sample")])
+    for split in splits:
+        mine = _held(scores, "latkit", split)
+        old = _held(scores, "0.3", split)
+        ratio = _mean([h.prefill_mape_pct for h in mine]) / _mean([h.prefill_mape_pct for h in old])
+        line = f"    {split:<8} {ratio:.3f}x 0.3 ({'MET' if ratio <= 1.02 else 'MISSED'})"
+        if split in RATIO_TARGETS and not math.isnan(reference):
+            knob = _mean([h.prefill_mape_pct for h in mine]) / reference
+            line += (
+                f"; never profiled / sample split {knob:.2f}x (target <= "
+                f"{RATIO_TARGETS[split]}x: {'MET' if knob <= RATIO_TARGETS[split] else 'MISSED'})"
+            )
+        bias = _mean([h.prefill_bias for h in mine])
+        cover = _mean([h.coverage["total_p95_ms"] for h in mine])
+        line += (
+            f"; bias {bias:.2f} ({'MET' if 0.40 <= bias <= 0.60 else 'MISSED'}), total_p95 covers"
+            f" {100 * cover:.1f} % ({'MET' if 0.92 <= cover <= 0.98 else 'MISSED'})"
+        )
+        print(line)
+
+
+def report_baseline_alone(samples: pl.DataFrame, seeds: list[int], splits: list[str]) -> None:
     """The alternative of no trees at all: the physics baseline alone, fitted on a seeded 80 %
     of each split's profiled samples (NNLS on relative error), scored on the same held-out
     parts as the splits above."""
-    print("  physics baseline alone (no trees), prefill MAPE / bias:")
-    for split in SPLITS:
+    print("\n  physics baseline alone (no trees), prefill MAPE / bias:")
+    for split in splits:
         mape, bias = [], []
         for seed in seeds:
-            if split == "sample":
-                profiled, held = split_samples(samples, "sample", 0.2, seed)
-            else:
-                profiled, held = knob_split(samples, split)
+            profiled, held = split_parts(samples, split, seed)
             fit, _ = split_samples(profiled, "sample", 0.2, seed)
             baseline = PhysicsBaseline.fit(feature_matrix(fit), fit["T_prefill_total"].to_numpy())
             actual = held["T_prefill_total"].to_numpy()
@@ -153,6 +353,34 @@ def report_recalibration(checkpoint: Path, target_dir: Path) -> None:
         print(f"  N=25 prefill MAPE / target-trained: {ratio:.2f}x (target <= 2x)")
 
 
+def report_sweep(
+    results_dir: Path,
+    target_dir: Path | None,
+    seeds: list[int],
+    splits: list[str],
+    precise: bool,
+    evaluate: bool,
+) -> None:
+    print("=" * 100)
+    kind = "SIMULATED precise sweep (not a measurement)" if precise else "measured sweep"
+    print(f"data: {results_dir} ({kind})")
+    loaded = load_results(results_dir)
+    report_models(loaded.samples, loaded.steps, seeds, splits, precise)
+    report_baseline_alone(loaded.samples, seeds, splits)
+    if not evaluate:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "sample"
+        train_model(results_dir, checkpoint, split="sample", progress=False)
+        result = run_evaluation(
+            checkpoint, results_dir, output_file=None, baselines=True, held_out_only=True
+        )
+        report_split("random split (20 % of samples held out)", result)
+        report_baselines(result)
+        if target_dir is not None and target_dir.is_dir():
+            report_recalibration(checkpoint, target_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -164,10 +392,21 @@ def main() -> None:
         action="append",
         help="its 2-thread sweep for the recalibration curve (one per --results-dir)",
     )
+    parser.add_argument("--precise-dir", type=Path, help="a precise sweep already written")
+    parser.add_argument("--no-precise", action="store_true", help="skip the precise sweep")
+    parser.add_argument(
+        "--no-measured", action="store_true", help="only the precise sweep, no measured one"
+    )
+    parser.add_argument("--no-evaluate", action="store_true", help="skip evaluate/recalibrate")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the splits")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    splits = [s for s in args.splits.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        parser.error(f"unknown split(s) {', '.join(unknown)}: expected some of {', '.join(SPLITS)}")
     if args.results_dir:
         targets = list(args.target_results_dir or [])
         pairs = [
@@ -178,20 +417,17 @@ def main() -> None:
             (bundled_data_dir() / sweep, bundled_data_dir() / target if target else None)
             for sweep, target in BUNDLED.values()
         ]
-    for results_dir, target_dir in pairs:
-        print("=" * 100)
-        print(f"data: {results_dir}")
-        report_knob_splits(results_dir, seeds)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = Path(tmp) / "sample"
-            train_model(results_dir, checkpoint, split="sample", progress=False)
-            result = run_evaluation(
-                checkpoint, results_dir, output_file=None, baselines=True, held_out_only=True
-            )
-            report_split("random split (20 % of samples held out)", result)
-            report_baselines(result)
-            if target_dir is not None and target_dir.is_dir():
-                report_recalibration(checkpoint, target_dir)
+    for results_dir, target_dir in [] if args.no_measured else pairs:
+        report_sweep(results_dir, target_dir, seeds, splits, False, not args.no_evaluate)
+    if args.no_precise:
+        return
+    if args.precise_dir is not None:
+        report_sweep(args.precise_dir, None, seeds, splits, True, not args.no_evaluate)
+        return
+    with tempfile.TemporaryDirectory(prefix="latkit-precise-") as tmp:
+        log = write_precise_sweep(tmp)
+        print(f"\nwrote the SIMULATED precise sweep: {log['samples']} samples ({log['note']})")
+        report_sweep(Path(tmp), None, seeds, splits, True, not args.no_evaluate)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from exporters.tree_table import (
     DEFAULT_MAX_CELLS,
     TABLE_COLUMN,
     PrefillTable,
-    compile_prefill_table,
+    table_from_prefill,
 )
 from toolkit import __version__
 from toolkit.atomic import atomic_path, write_bytes_atomic
@@ -120,12 +120,9 @@ class ExportResult:
 
 
 def table_from_model(model: HybridLatencyModel, max_cells: int = DEFAULT_MAX_CELLS) -> PrefillTable:
-    """Compile the prefill booster's residual factor, filled by the model's own
-    ``prefill.residual_factor`` (so base score and transform are the model's)."""
-    prefill = model.prefill
-    return compile_prefill_table(
-        [prefill.booster], prefill.residual_factor, len(FEATURE_NAMES), max_cells
-    )
+    """The prefill model's own table (residual factor and floor): the graph reads the very
+    arrays the Python model predicts through."""
+    return table_from_prefill(model.prefill, max_cells)
 
 
 def output_spec(model: HybridLatencyModel) -> OutputSpec:
@@ -232,6 +229,7 @@ def predictor_metadata(
         "calibration": _calibration_dict(model),
         "prefill_table": {
             "column": TABLE_COLUMN,
+            "floor_ms": True,
             "n_cells": table.n_cells,
             "thresholds_per_feature": {
                 name: len(t) for name, t in zip(FEATURE_NAMES, table.thresholds, strict=True)

@@ -30,21 +30,24 @@ whatever the node computes, so the graph is laid out for few nodes:
   products ``m``, ``m q``, ``ind``, ``ind q`` (and G - 7 junk products of other columns,
   finite numbers in [0, 1] that nothing reads);
 - one MatMul with the strides gives the table row, exact in float32 (integers below 2**24);
-  a Cast and a Gather read the residual factor, one Mul applies it to the products;
+  a Cast and a Gather read the residual factor, one Mul applies it to the products, and a
+  second Gather reads the cell's floor in ms (the prefill is ``max(floor, baseline x
+  residual factor)``, ``toolkit.models.prefill_table``);
 - the decode network's head (Gemm + Softplus) gives the per-pass coefficients ``a`` (constant)
   and ``c`` (slope over the KV length; ``toolkit.models.decode``), each twice, and one Mul
   pairs them with a Slice of the decode products: ``a m``, ``c m q``, ``a ind``, ``c ind q``.
   The decode total over m passes, ``a m + c m (P + N / 2) / 1024``, and the mean pass,
   ``[N > 1] (a + c (P + N / 2) / 1024)``, are linear in those four columns: no division;
-- ONE output Gemm maps the concatenated products and decode terms to every output at once
-  (transposed: [18, B]): the calibration scale, the powers of two of the factor scaling and
-  every bound factor are in its weights, the calibration offsets in its bias. Its second
-  half holds what each output must be at least (a total bound is ``max(prefill_ms x f_p +
-  decode_total_ms x f_d, prefill_pXX_ms)``, ``toolkit.models.bounds``; -inf for the others):
-  a Reshape to [2, 9B]
-  and one ReduceMax take the max of the halves, one Split (``num_outputs=9``) hands out the
-  rows. A bound level with an infinite factor (too few calibration samples) is the constant
-  +inf: weight 0, bias +inf.
+- ONE output Gemm maps the concatenated products, floor and decode terms to every output at
+  once (transposed: [36, B]): the calibration scale, the powers of two of the factor scaling
+  and every bound factor are in its weights, the calibration offsets in its bias. Its four
+  quarters are the candidates each output is the max of: the output through the products,
+  through the floor (the prefill's max distributes over everything affine in it with a
+  positive factor), and for a total bound (``max(prefill_ms x f_p + decode_total_ms x f_d,
+  prefill_pXX_ms)``, ``toolkit.models.bounds``) the prefill bound through either; -inf where
+  an output has fewer. A Reshape to [4, 9B] and one ReduceMax take the max, one Split
+  (``num_outputs=9``) hands out the rows. A bound level with an infinite factor (too few
+  calibration samples) is the constant +inf: weight 0, bias +inf.
 
 ONNX Runtime's MatMul with a 1-D right operand is several times slower than with an
 [N, 1] matrix (1.3 µs more at batch 1, 12x at batch 4096), hence ``[N, 1]``.
@@ -509,7 +512,7 @@ def first_layer(
 class OutputSpec:
     """How the outputs derive from baseline x residual factor and the decode terms.
 
-    ``prefill_ms = prefill_scale * baseline * residual + prefill_offset_ms``;
+    ``prefill_ms = prefill_scale * max(floor, baseline * residual) + prefill_offset_ms``;
     ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``; with ``(f_p, f_d) =
     total_bounds[pXX]``, ``total_pXX_ms = max(prefill_ms * f_p + decode_total_ms * f_d,
     prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf: that bound is +inf).
@@ -534,56 +537,66 @@ class OutputSpec:
             raise LatkitError("prefill calibration must have a positive scale, finite offset")
 
 
+#: Quarters of the output Gemm (see the module doc): each output is the max of its rows in them.
+_QUARTERS = 4
+
+
 def output_gemm(
     layer: FirstLayer, spec: OutputSpec, decode_weights: np.ndarray, per_pass: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(weight [18, G + C], bias [18, 1]) of the output Gemm; its input is
-    ``[products x residual (G), decode columns (C)]``.
+    """(weight [36, G + 1 + C], bias [36, 1]) of the output Gemm; its input is
+    ``[products x residual (G), floor (1), decode columns (C)]``.
 
-    Rows 0-8 are the outputs in ``GEMM_ROWS`` order, the total bounds as ``prefill_ms x f_p
-    + decode_total_ms x f_d``;
-    rows 9-17 what each must be at least: the prefill bound of the same level for a total
-    bound (``total_pXX = max(total_ms x g, prefill_pXX)``, ``toolkit.models.bounds``), -inf
-    (weight 0, bias -inf) for every other output. The graph takes the elementwise max of
-    the two halves.
+    The prefill is ``max(A, F)`` with ``A`` the products' sum and ``F`` the floor, so every
+    output affine in it with a positive factor is the max of that output through ``A`` and
+    through ``F``. Quarter 0 holds each output through ``A``, quarter 1 through ``F``, and
+    for a total bound (``total_pXX = max(prefill_ms x f_p + decode_total_ms x f_d,
+    prefill_pXX)``, ``toolkit.models.bounds``) quarters 2 and 3 hold the prefill bound of the
+    same level through ``A`` and ``F``; an output with fewer candidates has -inf (weight 0,
+    bias -inf) in the others. The graph takes the elementwise max of the quarters.
     """
     groups, n_decode = layer.groups, len(decode_weights)
-    prefill_w = np.zeros(groups + n_decode)
-    prefill_w[:_PRODUCTS] = spec.prefill_scale * layer.compensation
-    decode_w = np.concatenate([np.zeros(groups), decode_weights])
-    total_w = prefill_w + decode_w
-    offset = spec.prefill_offset_ms
-    rows: dict[str, tuple[np.ndarray, float]] = {
-        "prefill_ms": (prefill_w, offset),
-        "decode_total_ms": (decode_w, 0.0),
-        "decode_per_token_ms": (np.concatenate([np.zeros(groups), per_pass]), 0.0),
-        "total_ms": (total_w, offset),
+    width = groups + 1 + n_decode
+
+    def column(products: float = 0.0, floor: float = 0.0) -> np.ndarray:
+        weights = np.zeros(width)
+        weights[:_PRODUCTS] = products * layer.compensation
+        weights[groups] = floor
+        return weights
+
+    scale, offset = spec.prefill_scale, spec.prefill_offset_ms
+    decode_w = np.concatenate([np.zeros(groups + 1), decode_weights])
+    # The prefill through the products (A) and through the floor (F).
+    prefill = [(column(products=scale), offset), (column(floor=scale), offset)]
+    unbounded = [(np.zeros(width), math.inf)]  # an unbounded level: the constant +inf
+    rows: dict[str, list[tuple[np.ndarray, float]]] = {
+        "prefill_ms": prefill,
+        "decode_total_ms": [(decode_w, 0.0)],
+        "decode_per_token_ms": [(np.concatenate([np.zeros(groups + 1), per_pass]), 0.0)],
+        "total_ms": [(w + decode_w, b) for w, b in prefill],
     }
     for level, factor in spec.prefill_bounds.items():
         rows[f"prefill_{level}_ms"] = (
-            (np.zeros_like(prefill_w), math.inf)  # unbounded level: the constant +inf
-            if math.isinf(factor)
-            else (prefill_w * factor, offset * factor)
+            unbounded if math.isinf(factor) else [(w * factor, b * factor) for w, b in prefill]
         )
     for level, (prefill_factor, decode_factor) in spec.total_bounds.items():
+        floor = rows[f"prefill_{level}_ms"]
         rows[f"total_{level}_ms"] = (
-            (np.zeros_like(prefill_w), math.inf)
-            if math.isinf(prefill_factor) or math.isinf(decode_factor)
-            else (prefill_w * prefill_factor + decode_w * decode_factor, offset * prefill_factor)
+            unbounded
+            if math.isinf(prefill_factor) or math.isinf(decode_factor) or math.isinf(floor[0][1])
+            else [
+                (w * prefill_factor + decode_w * decode_factor, b * prefill_factor)
+                for w, b in prefill
+            ]
+            + floor
         )
-    floors: dict[str, tuple[np.ndarray, float]] = {
-        name: rows[f"prefill_{name[len('total_') :]}"]
-        if name.startswith("total_p")
-        else (np.zeros_like(prefill_w), -math.inf)
-        for name in GEMM_ROWS
-    }
-    weight = np.stack(
-        [rows[name][0] for name in GEMM_ROWS] + [floors[name][0] for name in GEMM_ROWS]
-    ).astype(np.float32)
-    bias = np.array(
-        [[rows[name][1]] for name in GEMM_ROWS] + [[floors[name][1]] for name in GEMM_ROWS],
-        dtype=np.float32,
-    )
+    unused = (np.zeros(width), -math.inf)
+    quarters = [
+        [rows[name][q] if q < len(rows[name]) else unused for name in GEMM_ROWS]
+        for q in range(_QUARTERS)
+    ]
+    weight = np.stack([w for quarter in quarters for w, _ in quarter]).astype(np.float32)
+    bias = np.array([[b] for quarter in quarters for _, b in quarter], dtype=np.float32)
     return weight, bias
 
 
@@ -599,6 +612,7 @@ class FusedPredictor(torch.nn.Module):
         first_bias: Tensor
         strides: Tensor
         table: Tensor
+        floor: Tensor
         out_weight: Tensor
         out_bias: Tensor
         prefill_weight: Tensor
@@ -638,14 +652,15 @@ class FusedPredictor(torch.nn.Module):
         # [3G, 1], not [3G]: see the module doc.
         self.register_buffer("strides", torch.from_numpy(layer.strides.reshape(-1, 1).copy()))
         self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table.table)))
-        self.register_buffer("out_weight", torch.from_numpy(weight))  # [18, G + C]
-        self.register_buffer("out_bias", torch.from_numpy(bias))  # [18, 1]
-        # For the budget graph: the prefill row alone; per searched bound (mean, p90, p95) the
-        # total's factors (f_p, f_d) and the prefill bound's factor f (total bound:
+        self.register_buffer("floor", torch.from_numpy(np.ascontiguousarray(table.floor)))
+        self.register_buffer("out_weight", torch.from_numpy(weight))  # [36, G + 1 + C]
+        self.register_buffer("out_bias", torch.from_numpy(bias))  # [36, 1]
+        # For the budget graph: the prefill rows through the products and through the floor
+        # ([G + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's
+        # factors (f_p, f_d) and the prefill bound's factor f (total bound:
         # max(P f_p + D f_d, P f); the mean's floor 0 never binds a budget >= 0).
-        self.register_buffer(
-            "prefill_weight", torch.from_numpy(weight[0, : layer.groups].reshape(-1, 1).copy())
-        )
+        prefill_rows = weight[[0, len(GEMM_ROWS)], : layer.groups + 1].T.copy()
+        self.register_buffer("prefill_weight", torch.from_numpy(prefill_rows))
         self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
         levels = ("p90", "p95")
         prefill_factors = [1.0, *(spec.total_bounds[k][0] for k in levels)]
@@ -659,32 +674,39 @@ class FusedPredictor(torch.nn.Module):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
         self.decode = module
 
-    def front(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(shared first-layer activations [B, 3G], products x residual [B, G], products
-        [B, G]) of ``X = [features, output_tokens]`` [B, 6]."""
+    def _parts(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], products x residual factor [B, G], the
+        cell's floor in ms [B, 1], products [B, G]) of ``X = [features, output_tokens]``."""
         # hardtanh(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
         first = torch.nn.functional.hardtanh(
             torch.addmm(self.first_bias, inputs, self.first_weight), 0.0, 1.0
         )
         index = torch.matmul(first, self.strides).to(torch.int64)  # [B, 1]
         products = first.reshape(-1, 3, self.groups).prod(1)
-        return first, products * self.table[index], products
+        return first, products * self.table[index], self.floor[index], products
+
+    def front(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(shared first-layer activations [B, 3G], [products x residual, floor] [B, G + 1],
+        products [B, G]) of ``X = [features, output_tokens]`` [B, 6]."""
+        first, weighted, floor, products = self._parts(inputs)
+        return first, torch.cat([weighted, floor], 1), products
 
     def prefill(self, weighted: Tensor) -> Tensor:
-        """Calibrated prefill ms [B] of :meth:`front`'s products (the budget graph's)."""
-        return torch.matmul(weighted, self.prefill_weight).reshape(-1) + self.prefill_offset
+        """Calibrated prefill ms [B] of :meth:`front`'s columns (the budget graph's)."""
+        both = torch.matmul(weighted, self.prefill_weight)  # [B, 2]: products, floor
+        return both.amax(1) + self.prefill_offset
 
     def forward(
         self, features: Tensor, output_tokens: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         inputs = torch.cat([features, output_tokens.unsqueeze(1)], 1)
-        first, weighted, products = self.front(inputs)
+        first, weighted, floor, products = self._parts(inputs)
         columns = self.decode.columns(first, inputs, products)
-        stacked = torch.cat([weighted] + columns, 1)  # noqa: RUF005 (TorchScript has no *list)
-        # [18, B] -> max of the two halves -> [9, B]: each output one contiguous row (the
+        stacked = torch.cat([weighted, floor] + columns, 1)  # noqa: RUF005 (no *list in TS)
+        # [36, B] -> max of the four quarters -> [9, B]: each output one contiguous row (the
         # reshapes and unbind export as Reshape, ReduceMax, Reshape + one Split).
-        both = torch.addmm(self.out_bias, self.out_weight, stacked.t())
-        rows = both.reshape(2, -1).amax(0).reshape(9, -1).unbind(0)
+        quarters = torch.addmm(self.out_bias, self.out_weight, stacked.t())
+        rows = quarters.reshape(4, -1).amax(0).reshape(9, -1).unbind(0)
         return (
             rows[0],
             rows[1],

@@ -107,9 +107,15 @@ def score_split(
     seed: int = 3407,
     structure: str = "physics",
     num_epochs: int = 50,
+    prefill_params: dict[str, Any] | None = None,
+    label: str | None = None,
 ) -> SplitScore:
-    """Train on the profiled part of ``split`` and score the held-out parts (module doc)."""
-    params = {"prefill_params": {"structure": structure}}
+    """Train on the profiled part of ``split`` and score the held-out parts (module doc).
+
+    ``prefill_params``: further ``PrefillModel`` parameters; ``label``: the model's name in
+    the scores and tables (default: the structure)."""
+    params = {"prefill_params": {"structure": structure, **(prefill_params or {})}}
+    structure = label or structure
     if split == "sample":
         train, held = split_samples(samples, "sample", 0.2, seed)
         result = train_on_frames(

@@ -122,6 +122,41 @@ def make_samples(
     return samples
 
 
+def dense_monotone_grid(
+    vision_min: float, vision_max: float = 2304.0, integers: bool = False
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The dense grid of the monotonicity checks: 40 seeded rows of profiled-like values
+    [40, 5], and per monotone feature (column index) the values it is swept over, on,
+    between and 50 % beyond the profiled ones (top_k 4-12, blocks 8-16, vision tokens
+    ``vision_min``-``vision_max``); every real step given, or every integer."""
+    rng = np.random.default_rng(0)
+    base = np.column_stack(
+        [
+            rng.choice([288, 432, 864, 1296, 2016], 40),
+            rng.integers(20, 120, 40),
+            rng.integers(0, 3, 40),
+            rng.choice([4, 8, 12], 40),
+            rng.choice([8, 12, 16], 40),
+        ]
+    ).astype(np.float32)
+    top = vision_max + 0.5 * (vision_max - vision_min)
+    if integers:
+        sweeps = {
+            0: np.arange(0, top),
+            1: np.arange(0, 401),
+            3: np.arange(1, 17),
+            4: np.arange(1, 21),
+        }
+    else:
+        sweeps = {
+            0: np.linspace(0, top, 97),
+            1: np.linspace(0, 400, 161),
+            3: np.linspace(1, 16, 61),  # every quarter step, to 50 % beyond 4-12
+            4: np.linspace(1, 20, 77),  # to 50 % beyond 8-16
+        }
+    return base, sweeps
+
+
 def sample_record(sample: SyntheticSample, with_steps: bool = True) -> dict[str, Any]:
     t_decode = sample.t_decode
     n_passes = sample.output_tokens - 1

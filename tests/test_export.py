@@ -126,8 +126,9 @@ def _query_rows(model: HybridLatencyModel, table_thresholds: bool = True) -> np.
     if table_thresholds:
         base = np.median(x, axis=0).astype(np.float32)
         thresholds = split_thresholds([model.prefill.booster])
+        none = np.zeros(1, np.float32)
         probes = threshold_probe_rows(
-            PrefillTable(thresholds, np.ones(5, np.int64), np.zeros(1, np.float32)), base
+            PrefillTable(thresholds, np.ones(5, np.int64), none, none), base
         )
         x = np.concatenate([x, probes])
     return x
@@ -148,11 +149,12 @@ def test_table_equals_the_booster_on_and_around_every_threshold() -> None:
     np.testing.assert_array_equal(table.lookup(x), predict(x).astype(np.float32))
 
 
-def test_table_of_a_model_is_its_residual_factor(trained) -> None:
-    """Filled through ``PrefillModel.residual_factor`` itself, on and one float32 step
-    around every split threshold (tier and values below a minimum included, raw)."""
+def test_table_of_a_model_is_its_prediction(trained) -> None:
+    """The exported table is what the Python model predicts through, on and one float32 step
+    around every cut of its grid (tier and values below a minimum included, raw)."""
     model, _ = trained
     table = table_from_model(model)
+    assert table.n_cells > 1 and (table.floor > 0).all()
     x = _features(200, 8)
     rows = []
     for f, thresholds in enumerate(table.thresholds):
@@ -163,8 +165,8 @@ def test_table_of_a_model_is_its_residual_factor(trained) -> None:
                 rows.append(row)
     assert len(rows) > 30
     probes = np.concatenate([x, np.asarray(rows, np.float32)])
-    want = model.prefill.residual_factor(probes).astype(np.float32)
-    np.testing.assert_array_equal(table.lookup(probes), want)
+    baseline = model.prefill.baseline.predict(probes)
+    np.testing.assert_array_equal(table.predict(probes, baseline), model.prefill.predict(probes))
 
 
 def test_representative_points_fall_in_their_bins() -> None:
@@ -322,17 +324,17 @@ def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> 
     proto = onnx_model_proto(predictor)
     ops = [node.op_type for node in proto.graph.node]
     assert "HardSigmoid" in ops and "Sign" not in ops, ops
-    assert ops.count("Split") == 1 and ops.count("Gather") == 1, ops
+    assert ops.count("Split") == 1 and ops.count("Gather") == 2, ops
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
-    # One layer: 17 nodes for nine outputs: Unsqueeze, Concat [X = features, output_tokens];
-    # Gemm (+HardSigmoid), MatMul, Cast, Gather, Reshape, ReduceProd, Mul [prefill =
-    # baseline x trees, and the decode products]; Gemm (+Softplus), Slice, Mul [decode
-    # terms]; Concat, Gemm (Transpose fused), Reshape, ReduceMax [total bound = max(total g,
-    # prefill bound)], Split [outputs]. Each further hidden layer adds one fused Gemm.
-    assert len(optimized) <= 16 + model.decode_net.n_layers, optimized
+    # One layer: 18 nodes for nine outputs: Unsqueeze, Concat [X = features, output_tokens];
+    # Gemm (+HardSigmoid), MatMul, Cast, Gather, Reshape, ReduceProd, Mul, Gather [prefill =
+    # max(floor, baseline x residual), and the decode products]; Gemm (+Softplus), Slice, Mul
+    # [decode terms]; Concat, Gemm (Transpose fused), Reshape, ReduceMax [the max of each
+    # output's candidates], Split [outputs]. Each further hidden layer adds one fused Gemm.
+    assert len(optimized) <= 17 + model.decode_net.n_layers, optimized
     assert "Pow" not in optimized and "Div" not in optimized, optimized
     assert optimized.count("ReduceMax") == 1 and "Max" not in optimized, optimized
 
@@ -344,6 +346,7 @@ def _table_with(thresholds: list[list[float]]) -> PrefillTable:
         thresholds=tuple(np.asarray(t, dtype=np.float32) for t in thresholds),
         strides=row_strides(sizes),
         table=np.ones(n_cells, dtype=np.float32),
+        floor=np.zeros(n_cells, dtype=np.float32),
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from synthetic import make_samples, write_results_dir
+from synthetic import dense_monotone_grid, make_samples, write_results_dir
 
 from toolkit.data import load_results
 from toolkit.errors import LatkitError
@@ -258,23 +258,8 @@ def test_prefill_and_bounds_monotone_on_a_dense_grid(fitted: HybridLatencyModel)
     """Dense sweep of every constrained feature, on, between and 50 % beyond the profiled
     values (training range: top_k 4-12, blocks 8-16, up to 2304 vision tokens): no prefill
     output, bound or total may decrease."""
-    rng = np.random.default_rng(0)
-    base = np.column_stack(
-        [
-            rng.choice([288, 432, 864, 1296, 2016], 40),
-            rng.integers(20, 120, 40),
-            rng.integers(0, 3, 40),
-            rng.choice([4, 8, 12], 40),
-            rng.choice([8, 12, 16], 40),
-        ]
-    ).astype(np.float32)
     ranges = fitted.manifest["training_summary"]["feature_ranges"]
-    sweeps = {
-        0: np.linspace(0, 2304 + 0.5 * (2304 - ranges["vision_tokens"][0]), 97),
-        1: np.linspace(0, 400, 161),
-        3: np.linspace(1, 16, 61),  # every quarter step, to 50 % beyond 4-12
-        4: np.linspace(1, 20, 77),  # to 50 % beyond 8-16
-    }
+    base, sweeps = dense_monotone_grid(ranges["vision_tokens"][0])
     for j, values in sweeps.items():
         assert PREFILL_MONOTONE[j] == 1
         grid = np.repeat(base, len(values), axis=0)

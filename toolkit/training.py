@@ -20,6 +20,7 @@ import polars as pl
 
 from toolkit.errors import LatkitError
 from toolkit.models.hybrid import EpochLog, HybridLatencyModel, auto_batch_size, resolve_device
+from toolkit.models.prefill import capacity_summary
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def train_on_frames(
             f": validation prefill MAPE {_fmt(p.get('mape_pct'))}%, decode total MAPE "
             f"{_fmt(d.get('mape_pct'))}%, total_p95 covers {_fmt_share(cov.get('total_p95_ms'))}"
         )
+    line += "; " + capacity_summary(model.manifest.get("prefill", {}).get("capacity", {}))
     log.info("%s%s", line, f" -> {out}" if out is not None else "")
     return TrainResult(
         model=model,

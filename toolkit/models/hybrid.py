@@ -538,6 +538,8 @@ class HybridLatencyModel:
                 "base_score": self.prefill.base_score,
                 "n_trees": self.prefill.booster.num_boosted_rounds(),
                 "baseline": self.prefill.baseline.to_dict(),
+                # The table's grid and the capacity search's choice and scores.
+                **self.prefill.fitted_state(),
             },
             "bounds": self.bounds.to_dict(),
             # The bounds as training calibrated them (recalibration replaces "bounds").
@@ -610,7 +612,10 @@ class HybridLatencyModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise LatkitError(f"{where}: incomplete manifest ({exc})") from None
         model.prefill = PrefillModel.load(
-            directory, prefill_params, manifest["prefill"].get("baseline")
+            directory,
+            prefill_params,
+            manifest["prefill"].get("baseline"),
+            fitted=manifest["prefill"],
         )
         model.prefill.target_transform = str(manifest.get("target_transform", "log"))
         try:

@@ -41,14 +41,21 @@ _V, _T, _K, _N = (
 )
 
 
+def _terms(
+    vision: np.ndarray, text: np.ndarray, top_k: np.ndarray, blocks: np.ndarray
+) -> list[np.ndarray]:
+    """The terms (``TERM_NAMES`` order) of broadcastable feature arrays."""
+    v = vision / TOKENS_UNIT
+    p = (vision + text) / TOKENS_UNIT
+    k, n = top_k, blocks
+    one = np.ones(np.broadcast_shapes(v.shape, p.shape, k.shape, n.shape))
+    return [one, v, n, n * k, n * p, n * p * k, n * p * p]
+
+
 def physics_terms(features: np.ndarray) -> np.ndarray:
     """Terms [B, 7] (``TERM_NAMES`` order, float64) of raw features [B, 5]."""
     x = np.asarray(features, dtype=np.float64)
-    v = x[:, _V] / TOKENS_UNIT
-    p = (x[:, _V] + x[:, _T]) / TOKENS_UNIT
-    k = x[:, _K]
-    n = x[:, _N]
-    return np.stack([np.ones_like(v), v, n, n * k, n * p, n * p * k, n * p * p], axis=1)
+    return np.stack(_terms(x[:, _V], x[:, _T], x[:, _K], x[:, _N]), axis=1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,20 @@ class PhysicsBaseline:
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Baseline ms, float64 [B]."""
         return physics_terms(features) @ np.asarray(self.weights, dtype=np.float64)
+
+    def predict_grid(self, values: list[np.ndarray]) -> np.ndarray:
+        """Baseline ms on the grid of every combination of per-feature ``values``
+        (``FEATURE_NAMES`` order), float64 of shape ``[len(v) for v in values]``."""
+        axes = []
+        for f, v in enumerate(values):
+            shape = [1] * len(values)
+            shape[f] = len(v)
+            axes.append(np.asarray(v, dtype=np.float64).reshape(shape))
+        terms = _terms(axes[_V], axes[_T], axes[_K], axes[_N])
+        out = np.zeros(np.broadcast_shapes(*(a.shape for a in axes)))
+        for weight, term in zip(self.weights, terms, strict=True):
+            out = out + weight * term
+        return out
 
     @property
     def is_constant(self) -> bool:
