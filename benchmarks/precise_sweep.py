@@ -8,7 +8,7 @@ prompt, launch overheads, decode passes linear in the KV cache), with multiplica
 log-normal noise of ``--noise`` (1 %) per stage and run, and each decode pass jittered by
 the same again. The samples (crops, prompt and answer lengths of the nine datasets, file
 names, sample ids) are exactly those ``latkit profile --samples-per-config N --seed S`` would
-measure (``toolkit.profiler.runner.plan_jobs``), written by the profiler's own writer.
+measure (``toolkit.profiler.sweep.plan_jobs``), written by the profiler's own writer.
 
 **It is a simulation, not a measurement**: every file carries a ``simulation`` block, every
 sample ``metadata.simulated = true``, and ``logs/run.json`` says so. Never bundle it as data.
@@ -46,7 +46,7 @@ import gpu_roofline
 from toolkit.atomic import write_json_atomic
 from toolkit.features import VISION_TOKENS_PER_CROP
 from toolkit.profiler.datasets import parse_datasets
-from toolkit.profiler.runner import Job, ProfileSettings, plan_jobs
+from toolkit.profiler.sweep import Job, ProfileSettings, plan_jobs
 from toolkit.profiler.timing import SampleTiming
 from toolkit.profiler.writer import noise_records, noise_summary, result_document, write_result
 
