@@ -1,11 +1,12 @@
 """The fused predictor: physics baseline x tree table + decode network, one torch module.
 
 This module is what gets scripted to TorchScript and exported to ONNX. Its graph holds only
-ordinary ops (Concat, Gemm, MatMul, Cast, Gather, ReduceProd, Slice, Softplus, Split and a few
+ordinary ops (Concat, Gemm, MatMul, Cast, Gather, Slice, ReduceProd, Softplus, Split and a few
 elementwise ops), so ONNX Runtime's CUDA provider and libtorch run it as well as the CPU.
 
-A batch-1 query costs ONNX Runtime about 0.35-0.4 µs per graph node on this project's CPUs,
-whatever the node computes, so the graph is laid out for few nodes:
+A batch-1 query costs ONNX Runtime about 0.2-0.7 µs per graph node on this project's CPUs
+(``benchmarks/predictor_speed.py`` prints each node's cost), so the graph is laid out for few
+nodes and narrow tensors:
 
 - the inputs are joined into ``X = [features, output_tokens]`` [B, 6];
 - one Gemm + clip-to-[0, 1] (ONNX ``HardSigmoid`` with alpha 1, beta 0, which ONNX Runtime
@@ -25,18 +26,20 @@ whatever the node computes, so the graph is laid out for few nodes:
     that the clip never binds (``clip(2**-40 z, 0, 1) = 2**-40 relu(z)`` bit for bit; the
     next layer's weights carry 2**40).
 
-  The columns are laid out so that a Reshape to [B, 3, G] puts the three factors of each
-  product on one axis: one ReduceProd yields the three baseline products, the decode
-  products ``m``, ``m q``, ``ind``, ``ind q`` (and G - 7 junk products of other columns,
-  finite numbers in [0, 1] that nothing reads);
+  The first columns are the product block, laid out so that a Slice and a Reshape to
+  [B, 3, n] put the three factors of each product on one axis: one ReduceProd yields the
+  n = 7 products, the baseline's three and the decode products ``m``, ``m q``, ``ind``,
+  ``ind q`` (a block of its own, so that everything after it is 7 columns wide, not as wide
+  as the split tests);
 - one MatMul with the strides gives the table row, exact in float32 (integers below 2**24);
   a Cast and a Gather read the residual factor, one Mul applies it to the products, and a
   second Gather reads the cell's floor in ms (the prefill is ``max(floor, baseline x
   residual factor)``, ``toolkit.models.prefill_table``);
-- the decode network's head (Gemm + Softplus) gives the per-pass coefficients ``a`` (constant)
-  and ``c`` (slope over the KV length; ``toolkit.models.decode``), each twice, and one Mul
-  pairs them with a Slice of the decode products: ``a m``, ``c m q``, ``a ind``, ``c ind q``.
-  The decode total over m passes, ``a m + c m (P + N / 2) / 1024``, and the mean pass,
+- the decode network's head (Gemm + Softplus) gives, for every product, the coefficient that
+  multiplies it: 0 for the baseline's (bias -inf), and the per-pass coefficients ``a``
+  (constant) and ``c`` (slope over the KV length; ``toolkit.models.decode``) for the decode
+  products; one Mul gives the decode terms ``a m``, ``c m q``, ``a ind``, ``c ind q``. The
+  decode total over m passes, ``a m + c m (P + N / 2) / 1024``, and the mean pass,
   ``[N > 1] (a + c (P + N / 2) / 1024)``, are linear in those four columns: no division;
 - ONE output Gemm maps the concatenated products, floor and decode terms to every output at
   once (transposed: [36, B]): the calibration scale, the powers of two of the factor scaling
@@ -186,11 +189,13 @@ class GenericDecode(torch.nn.Module):
 class FoldedDecode(torch.nn.Module):
     """The same function as :class:`GenericDecode`, folded for few graph nodes (module doc).
 
-    ``head`` has one output per decode term (``terms``): the network head's row of the term's
-    coefficient ("a": row 0, "c": row 1), or zero weights and bias ``CONST_LOGIT`` ("const").
-    ``columns`` multiplies their softplus with the decode products (a Slice of the products at
-    ``start``); ``coef_scale`` / ``coef_offset`` turn the softplus of rows 0 and 1 into the
-    calibrated coefficients (the budget graph's closed form).
+    ``head`` has one output per product: ``start`` leading rows for the baseline's products
+    (zero weights, bias -inf: softplus 0, so they add nothing), then one per decode term
+    (``terms``): the network head's row of the term's coefficient ("a": row 0, "c": row 1), or
+    zero weights and bias ``CONST_LOGIT`` ("const"). ``columns`` multiplies their softplus with
+    all the products at once (no Slice); ``coef_scale`` / ``coef_offset`` turn the softplus of
+    the first "a" and "c" rows into the calibrated coefficients (the budget graph's closed
+    form).
     """
 
     if TYPE_CHECKING:  # buffers, declared for mypy only (TorchScript rejects the annotations)
@@ -204,16 +209,17 @@ class FoldedDecode(torch.nn.Module):
         terms: tuple[tuple[tuple[str, str, str], str], ...],
         coef_scale: Tensor,
         offset_ms: float = 0.0,
-        start: int = _PRODUCTS,
+        start: int = 0,
     ) -> None:
         super().__init__()
-        if head.out_features != len(terms) or coef_scale.shape != (N_BASIS,):
-            raise ValueError("FoldedDecode needs one head output per decode term")
+        if head.out_features != start + len(terms) or coef_scale.shape != (N_BASIS,):
+            raise ValueError("FoldedDecode needs one head output per product")
+        if [source for _, source in terms[:2]] != ["a", "c"]:
+            raise ValueError("the first two decode terms must read the coefficients a and c")
         self.layers = torch.nn.ModuleList(layers)
         self.head = head
         self.terms = terms
         self.start = int(start)
-        self.stop = int(start) + len(terms)
         self.register_buffer("coef_scale", coef_scale.to(torch.float32).clone())
         offset = torch.zeros(N_BASIS)
         offset[0] = float(offset_ms)
@@ -225,13 +231,15 @@ class FoldedDecode(torch.nn.Module):
     ) -> FoldedDecode:
         """A copy whose first layer reads the ``width`` columns of the shared Gemm: its inputs
         at column ``slots[i]``, scaled by ``input_scale`` (a power of two: exact), weight 0
-        on every other column; its decode products start at product ``start``."""
+        on every other column; its decode products start at product ``start`` (the head gets
+        ``start`` leading rows that give 0)."""
         readers = [*self.layers, self.head]  # the first one reads the shared Gemm
         copies = [_copy_linear(readers[0], slots, width, input_scale)]
         copies += [_copy_linear(layer) for layer in readers[1:]]
+        head = _leading_zero_rows(copies[-1], start - self.start)
         copy = FoldedDecode(
             copies[:-1],
-            copies[-1],
+            head,
             self.terms,
             self.coef_scale.clone(),
             float(self.coef_offset[0]),
@@ -247,14 +255,16 @@ class FoldedDecode(torch.nn.Module):
 
     def coefficients(self, first: Tensor, inputs: Tensor) -> Tensor:
         """Calibrated per-pass coefficients [B, N_BASIS] (ms, ms per KV_UNIT tokens)."""
-        return self.softplus(first)[:, :2] * self.coef_scale + self.coef_offset
+        rows = self.softplus(first)[:, self.start : self.start + 2]
+        return rows * self.coef_scale + self.coef_offset
 
     def totals(self, coef: Tensor, output_tokens: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
         return decode_outputs(coef, output_tokens, prompt)
 
     def columns(self, first: Tensor, inputs: Tensor, products: Tensor) -> list[Tensor]:
-        """Inputs of the output Gemm: coefficient x decode product, [B, len(terms)]."""
-        return [self.softplus(first) * products[:, self.start : self.stop]]
+        """Inputs of the output Gemm: coefficient x product, [B, n products] (0 for the
+        baseline's)."""
+        return [self.softplus(first) * products]
 
     @torch.jit.unused
     def product_terms(self) -> tuple[tuple[str, str, str], ...]:
@@ -265,8 +275,8 @@ class FoldedDecode(torch.nn.Module):
         """(decode total, mean pass) as weights of :meth:`columns` (module doc)."""
         scale = self.coef_scale.double().numpy()
         offset = float(self.coef_offset[0])
-        total, per_pass = np.zeros(len(self.terms)), np.zeros(len(self.terms))
-        for j, (factors, source) in enumerate(self.terms):
+        total, per_pass = np.zeros(self.head.out_features), np.zeros(self.head.out_features)
+        for j, (factors, source) in enumerate(self.terms, start=self.start):
             passes = factors[0] == "m"  # m: the total over the passes; ind: one pass
             unit = M_SCALE if passes else 1.0
             if source == "a":
@@ -380,6 +390,20 @@ def _copy_linear(
     return out
 
 
+def _leading_zero_rows(layer: torch.nn.Linear, rows: int) -> torch.nn.Linear:
+    """``layer`` with ``rows`` more outputs in front whose softplus is exactly 0 (zero
+    weights, bias -inf)."""
+    if rows == 0:
+        return layer
+    out = torch.nn.Linear(layer.in_features, layer.out_features + rows)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.fill_(-math.inf)
+        out.weight[rows:] = layer.weight
+        out.bias[rows:] = layer.bias
+    return out
+
+
 def threshold_columns(table: PrefillTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The table's split tests as first-layer columns, float32.
 
@@ -451,16 +475,16 @@ def baseline_columns(
 class FirstLayer:
     """The shared first Gemm (see the module doc): ``clip(X @ weight + bias, 0, 1)``.
 
-    Column ``i * groups + j`` (j < n_products) holds factor i of product j: the three baseline
-    products, then the decode products; the other columns hold the threshold tests (read by
-    ``strides``) and the decode network's hidden units (at ``hidden_slots``), then zero
-    padding.
+    The first ``3 * n_products`` columns are the product block: column ``i * n_products + j``
+    holds factor i of product j (the three baseline products, then the decode products). The
+    other columns hold the threshold tests (read by ``strides``) and the decode network's
+    hidden units (at ``hidden_slots``).
     """
 
-    weight: np.ndarray  # float32 [F + 1, 3 * groups]
-    bias: np.ndarray  # float32 [3 * groups]
-    strides: np.ndarray  # float32 [3 * groups]
-    groups: int
+    weight: np.ndarray  # float32 [F + 1, width]
+    bias: np.ndarray  # float32 [width]
+    strides: np.ndarray  # float32 [width]
+    n_products: int
     compensation: np.ndarray  # float64 [3]: multiplier of each baseline product
     hidden_slots: np.ndarray  # int64 [H]
 
@@ -479,24 +503,21 @@ def first_layer(
     n_thresholds = t_weight.shape[1]
     n_hidden = hidden.out_features if hidden is not None else 0
     n_products = _PRODUCTS + len(decode_products)
-    # G product slots per factor row: the products, then room for the rest.
-    groups = math.ceil((n_thresholds + n_hidden) / _FACTORS) + n_products
-    width = _FACTORS * groups
+    block = _FACTORS * n_products  # the product block leads; the rest follows it
+    width = block + max(n_thresholds + n_hidden, 1)
     weight = np.zeros((n_features + 1, width), dtype=np.float32)  # the last row: N
-    bias = np.zeros(width, dtype=np.float32)  # padding columns: clip(0) = 0
+    bias = np.zeros(width, dtype=np.float32)
     strides = np.zeros(width, dtype=np.float32)
     for i in range(_FACTORS):
         for j in range(_PRODUCTS):
-            weight[:n_features, i * groups + j] = b_weight[:, i, j]
-            bias[i * groups + j] = b_bias[i, j]
+            weight[:n_features, i * n_products + j] = b_weight[:, i, j]
+            bias[i * n_products + j] = b_bias[i, j]
         for j, factors in enumerate(decode_products, start=_PRODUCTS):
             column_weight, column_bias = decode_factor_column(factors[i])
-            weight[:, i * groups + j] = column_weight
-            bias[i * groups + j] = column_bias
-    taken = {i * groups + j for i in range(_FACTORS) for j in range(n_products)}
-    free = np.array([c for c in range(width) if c not in taken], dtype=np.int64)
-    threshold_slots = free[:n_thresholds]
-    hidden_slots = free[n_thresholds : n_thresholds + n_hidden]
+            weight[:, i * n_products + j] = column_weight
+            bias[i * n_products + j] = column_bias
+    threshold_slots = np.arange(block, block + n_thresholds)
+    hidden_slots = np.arange(block + n_thresholds, block + n_thresholds + n_hidden)
     weight[:n_features, threshold_slots] = t_weight
     bias[threshold_slots] = t_bias
     strides[threshold_slots] = t_strides
@@ -505,7 +526,7 @@ def first_layer(
         b = hidden.bias.detach().to(torch.float64).numpy() * HIDDEN_SCALE
         weight[:n_features, hidden_slots] = w
         bias[hidden_slots] = b
-    return FirstLayer(weight, bias, strides, groups, compensation, hidden_slots)
+    return FirstLayer(weight, bias, strides, n_products, compensation, hidden_slots)
 
 
 @dataclass(frozen=True)
@@ -555,7 +576,7 @@ def output_gemm(
     same level through ``A`` and ``F``; an output with fewer candidates has -inf (weight 0,
     bias -inf) in the others. The graph takes the elementwise max of the quarters.
     """
-    groups, n_decode = layer.groups, len(decode_weights)
+    groups, n_decode = layer.n_products, len(decode_weights)
     width = groups + 1 + n_decode
 
     def column(products: float = 0.0, floor: float = 0.0) -> np.ndarray:
@@ -645,21 +666,21 @@ class FusedPredictor(torch.nn.Module):
             else decode
         )
         weight, bias = output_gemm(layer, spec, *module.column_weights())
-        self.groups = layer.groups
+        self.n_products = layer.n_products
         self.folded = folded
-        self.register_buffer("first_weight", torch.from_numpy(layer.weight))  # [F + 1, 3G]
+        self.register_buffer("first_weight", torch.from_numpy(layer.weight))  # [F + 1, W]
         self.register_buffer("first_bias", torch.from_numpy(layer.bias))
-        # [3G, 1], not [3G]: see the module doc.
+        # [W, 1], not [W]: see the module doc.
         self.register_buffer("strides", torch.from_numpy(layer.strides.reshape(-1, 1).copy()))
         self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table.table)))
         self.register_buffer("floor", torch.from_numpy(np.ascontiguousarray(table.floor)))
-        self.register_buffer("out_weight", torch.from_numpy(weight))  # [36, G + 1 + C]
+        self.register_buffer("out_weight", torch.from_numpy(weight))  # [36, n + 1 + C]
         self.register_buffer("out_bias", torch.from_numpy(bias))  # [36, 1]
         # For the budget graph: the prefill rows through the products and through the floor
-        # ([G + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's
+        # ([n + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's
         # factors (f_p, f_d) and the prefill bound's factor f (total bound:
         # max(P f_p + D f_d, P f); the mean's floor 0 never binds a budget >= 0).
-        prefill_rows = weight[[0, len(GEMM_ROWS)], : layer.groups + 1].T.copy()
+        prefill_rows = weight[[0, len(GEMM_ROWS)], : layer.n_products + 1].T.copy()
         self.register_buffer("prefill_weight", torch.from_numpy(prefill_rows))
         self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
         levels = ("p90", "p95")
@@ -675,19 +696,20 @@ class FusedPredictor(torch.nn.Module):
         self.decode = module
 
     def _parts(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(shared first-layer activations [B, 3G], products x residual factor [B, G], the
-        cell's floor in ms [B, 1], products [B, G]) of ``X = [features, output_tokens]``."""
+        """(shared first-layer activations [B, W], products x residual factor [B, n], the
+        cell's floor in ms [B, 1], products [B, n]) of ``X = [features, output_tokens]``."""
         # hardtanh(., 0, 1) exports as HardSigmoid(alpha=1, beta=0) (exporters.export).
         first = torch.nn.functional.hardtanh(
             torch.addmm(self.first_bias, inputs, self.first_weight), 0.0, 1.0
         )
         index = torch.matmul(first, self.strides).to(torch.int64)  # [B, 1]
-        products = first.reshape(-1, 3, self.groups).prod(1)
+        n = self.n_products
+        products = first[:, : 3 * n].reshape(-1, 3, n).prod(1)
         return first, products * self.table[index], self.floor[index], products
 
     def front(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(shared first-layer activations [B, 3G], [products x residual, floor] [B, G + 1],
-        products [B, G]) of ``X = [features, output_tokens]`` [B, 6]."""
+        """(shared first-layer activations [B, W], [products x residual, floor] [B, n + 1],
+        products [B, n]) of ``X = [features, output_tokens]`` [B, 6]."""
         first, weighted, floor, products = self._parts(inputs)
         return first, torch.cat([weighted, floor], 1), products
 

@@ -228,20 +228,24 @@ def test_first_layer_layout_puts_each_products_factors_on_one_axis(trained) -> N
     terms = pair.decode.product_terms()
     layer = first_layer(table, model.prefill.baseline.product_form(), pair.first, terms)
     width = layer.weight.shape[1]
-    assert width == 3 * layer.groups
     n_thresholds = sum(len(t) for t in table.thresholds)
+    # The product block leads (3 factors x n products), then thresholds and hidden units.
+    assert layer.n_products == 3 + len(terms)
+    assert width == 3 * layer.n_products + n_thresholds + model.decode_net.hidden
     # Every threshold column has a stride, every hidden unit a slot, none shared.
     assert int((layer.strides != 0).sum()) == n_thresholds
     slots = set(layer.hidden_slots.tolist())
     assert len(slots) == model.decode_net.hidden
     assert not slots & set(np.flatnonzero(layer.strides).tolist())
+    assert min(slots | set(np.flatnonzero(layer.strides).tolist())) == 3 * layer.n_products
     x = torch.from_numpy(_features(64, 9))
     n = torch.arange(64, dtype=torch.float32) * 37.0  # 0, 37, ... output tokens
     predictor = FusedPredictor(table, pair, output_spec(model)).eval()
     with torch.no_grad():
         first, weighted, products_f32 = predictor.front(torch.cat([x, n.unsqueeze(1)], 1))
         residual = torch.from_numpy(table.lookup(x.numpy())).double()
-    products = first.double().reshape(-1, 3, layer.groups).prod(1)
+    n_products = layer.n_products
+    products = first.double()[:, : 3 * n_products].reshape(-1, 3, n_products).prod(1)
     torch.testing.assert_close(products.float(), products_f32)
     baseline = (products[:, :3] * torch.from_numpy(layer.compensation)).sum(1)
     # The decode products after the baseline's: m, m q, ind, ind q (fused.DECODE_TERMS).
@@ -319,8 +323,8 @@ def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> 
     assert form == "folded"
     width = predictor.first_weight.shape[1]
     products = 3 * (3 + len(DECODE_TERMS))  # baseline and decode factors
-    assert width == 3 * predictor.groups >= n_thresholds + model.decode_net.hidden + products
-    assert width <= n_thresholds + model.decode_net.hidden + products + 2  # to a multiple of 3
+    assert predictor.n_products == 3 + len(DECODE_TERMS)
+    assert width == n_thresholds + model.decode_net.hidden + products
     proto = onnx_model_proto(predictor)
     ops = [node.op_type for node in proto.graph.node]
     assert "HardSigmoid" in ops and "Sign" not in ops, ops
@@ -330,10 +334,11 @@ def test_folded_predictor_is_one_shared_first_layer(trained, tmp_path: Path) -> 
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
     # One layer: 18 nodes for nine outputs: Unsqueeze, Concat [X = features, output_tokens];
-    # Gemm (+HardSigmoid), MatMul, Cast, Gather, Reshape, ReduceProd, Mul, Gather [prefill =
-    # max(floor, baseline x residual), and the decode products]; Gemm (+Softplus), Slice, Mul
-    # [decode terms]; Concat, Gemm (Transpose fused), Reshape, ReduceMax [the max of each
-    # output's candidates], Split [outputs]. Each further hidden layer adds one fused Gemm.
+    # Gemm (+HardSigmoid) [the shared first layer]; Slice, Reshape, ReduceProd [all products];
+    # Gemm (+Softplus), Mul [decode terms: one head output per product]; MatMul, Cast, Gather,
+    # Gather, Mul [prefill = max(floor, baseline x residual)]; Concat, Gemm (Transpose fused),
+    # Reshape, ReduceMax [the max of each output's candidates], Split [outputs]. Each further
+    # hidden layer adds one fused Gemm.
     assert len(optimized) <= 17 + model.decode_net.n_layers, optimized
     assert "Pow" not in optimized and "Div" not in optimized, optimized
     assert optimized.count("ReduceMax") == 1 and "Max" not in optimized, optimized

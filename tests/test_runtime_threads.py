@@ -2,7 +2,8 @@
 
 A controller is a service: requests arrive on many threads and each asks about its candidate
 configurations. These tests ask the same seeded questions once on one thread and again from
-many threads at once, and require every answer to be identical, bit for bit.
+many threads at once, and require every answer to be identical, bit for bit (the TorchScript
+module: equal to float32 rounding, see its test).
 """
 
 from __future__ import annotations
@@ -113,7 +114,12 @@ def test_large_batches_from_threads(exported) -> None:
 def test_torchscript_module_shared_by_threads(exported) -> None:
     """The contract for ``latency_predictor.ts``: one loaded module may serve any number of
     threads (each enters ``torch.inference_mode`` itself: the mode is per thread), from its
-    first call on."""
+    first call on.
+
+    Equal to float32 rounding rather than bit for bit: unlike the ONNX Runtime predictor
+    (one intra-op thread per session), torch's CPU kernels may split a call's work by the
+    threads free at that moment, which can move the last bit (CI saw 2 of 3078 answers
+    differ so). A race that mixed up rows or buffers would be off by far more."""
     out_dir, rows = exported
     asked = [q for q in questions(rows, 3000, seed=2) if q[0] == "predict"]
     tensors = [(torch.from_numpy(x), torch.from_numpy(n)) for _, x, n in asked]
@@ -128,11 +134,14 @@ def test_torchscript_module_shared_by_threads(exported) -> None:
     got, errors, _ = on_threads(THREADS, tensors, lambda q: call(shared, q))
     assert not errors, errors[:3]
     assert len(want[0]) == len(OUTPUT_NAMES)
-    wrong = sum(
-        not all(np.array_equal(a, b) for a, b in zip(g, w, strict=True))
-        for g, w in zip(got, want, strict=True)
-    )
-    assert wrong == 0, f"{wrong} of {len(asked)} answers differ"
+    worst = 0.0
+    for answer, expected in zip(got, want, strict=True):
+        for a, b in zip(answer, expected, strict=True):
+            assert a.shape == b.shape and np.array_equal(np.isfinite(a), np.isfinite(b))
+            finite = np.isfinite(b)
+            scale = np.maximum(np.abs(b[finite]), 1e-3)
+            worst = max(worst, float(np.max(np.abs(a[finite] - b[finite]) / scale, initial=0)))
+    assert worst <= 1e-5, f"answers differ by up to {worst:.2e} (relative)"
 
 
 _forked: LatencyPredictor | None = None
