@@ -18,10 +18,15 @@ it):
 3. the physics baseline alone on the same splits;
 4. ``latkit evaluate --baselines --held-out-only`` of the default model (random split), and
    with a second sweep of the same grid measured under another condition (2 threads) the
-   recalibration curve (CPU sweeps only; ``--no-evaluate`` skips 4).
+   recalibration curve (CPU sweeps only; ``--no-evaluate`` skips 4);
+5. long answers (issue 19): the default model trained on a bundled sweep (20 % of samples
+   held out, per seed), scored on its long-answer sweep (``data/core_exp_small_cpu_long``,
+   answers of 128-448 tokens, longer than any trained one): growth error, the share
+   predicted too slow, decode total MAPE against the in-range MAPE (held-out answers of 21+
+   tokens), coverage of the total's bounds (``--no-long`` skips 5).
 
     python benchmarks/accuracy.py [--results-dir DIR --target-results-dir DIR] [--seeds 0,1,2]
-        [--precise-dir DIR | --no-precise] [--no-measured] [--no-evaluate]
+        [--precise-dir DIR | --no-precise] [--no-measured] [--no-evaluate] [--no-long]
         [--splits sample,config,sparse,extrap]
 """
 
@@ -46,12 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import split_parts
 from precise_sweep import write_precise_sweep
 
-from reports.evaluation import noise_floor, run_evaluation
+from reports.evaluation import evaluate_checkpoint, noise_floor, run_evaluation
 from reports.knob_splits import SPLITS, SplitScore, format_split_table, score_split
+from reports.long_answers import IN_RANGE_MIN_TOKENS
 from toolkit.data import load_results
-from toolkit.demo import BUNDLED, bundled_data_dir
+from toolkit.demo import BUNDLED, LONG_ANSWERS, bundled_data_dir
 from toolkit.features import feature_matrix
-from toolkit.metrics import bias_share, regression_metrics
+from toolkit.metrics import bias_share, regression_metrics, score_frame
 from toolkit.models.physics import PhysicsBaseline
 from toolkit.recalibrate import recalibration_curve
 from toolkit.training import split_samples, train_model
@@ -381,6 +387,89 @@ def report_sweep(
             report_recalibration(checkpoint, target_dir)
 
 
+#: Issue 19's long-answer targets.
+GROWTH_ERROR_TARGET_PCT = 7.0
+TOO_SLOW_SHARE = (0.25, 0.75)
+LONG_MAPE_RATIO_TARGET = 1.25
+LONG_P95_COVERAGE = (0.90, 0.98)
+
+
+def long_answer_scores(train_dir: Path, long_dir: Path, seed: int) -> dict[str, float]:
+    """One seed: train the default model on ``train_dir`` (20 % of samples held out), score
+    the held-out in-range answers of 21+ tokens and every long answer of ``long_dir``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "model"
+        train_model(train_dir, checkpoint, split="sample", seed=seed, progress=False)
+        held = evaluate_checkpoint(checkpoint, train_dir, held_out_only=True)
+        model, samples = held.model, held.samples
+        part = samples.filter(samples["output_tokens"] >= IN_RANGE_MIN_TOKENS)
+        in_range = score_frame(part, model.predict_frame(part))
+        long = evaluate_checkpoint(checkpoint, long_dir).evaluation.get("long_answers")
+    if long is None:
+        raise SystemExit(f"{long_dir}: no answer longer than the model's longest trained one")
+    return {
+        "trained_max": float(long["trained_max_output_tokens"]),
+        "supported": float(long["supported_output_tokens"]),
+        "n_long": float(long["n_samples"]),
+        "n_in_range": float(in_range["decode_total"]["n"]),
+        "in_range_mape": in_range["decode_total"]["mape_pct"],
+        "long_mape": long["decode_total"]["mape_pct"],
+        "long_bias": long["decode_total_bias"],
+        "growth_error": long["growth"]["mean_abs_rel_error_pct"],
+        "growth_error_max": long["growth"]["max_abs_rel_error_pct"],
+        "too_slow": long["growth"]["share_predicted_too_slow"],
+        "p90_covers": long["coverage"].get("total_p90_ms", math.nan),
+        "p95_covers": long["coverage"].get("total_p95_ms", math.nan),
+    }
+
+
+def report_long_answers(train_dir: Path, long_dir: Path, seeds: list[int]) -> None:
+    """Section 5 of the module doc: one row per seed, the mean and issue 19's targets."""
+    print("=" * 100)
+    print(f"long answers: trained on {train_dir} (20 % held out), scored on {long_dir}")
+    rows = [long_answer_scores(train_dir, long_dir, seed) for seed in seeds]
+    first = rows[0]
+    print(
+        f"  longest trained answer {first['trained_max']:.0f} tokens (supported up to "
+        f"{first['supported']:.0f}); {first['n_long']:.0f} long answers, "
+        f"{first['n_in_range']:.0f} held-out in-range answers of {IN_RANGE_MIN_TOKENS}+ tokens"
+    )
+    header = (
+        f"  {'seed':<6}{'growth err %':>13}{'max %':>8}{'too slow':>10}{'long MAPE %':>13}"
+        f"{'in-range %':>12}{'ratio':>7}{'bias':>6}{'p90 covers':>12}{'p95 covers':>12}"
+    )
+    print(header)
+
+    def line(label: str, row: dict[str, float]) -> str:
+        ratio = row["long_mape"] / row["in_range_mape"]
+        return (
+            f"  {label:<6}{row['growth_error']:>13.2f}{row['growth_error_max']:>8.1f}"
+            f"{row['too_slow']:>10.2f}{row['long_mape']:>13.2f}{row['in_range_mape']:>12.2f}"
+            f"{ratio:>7.2f}{row['long_bias']:>6.2f}{100 * row['p90_covers']:>11.1f}%"
+            f"{100 * row['p95_covers']:>11.1f}%"
+        )
+
+    for seed, row in zip(seeds, rows, strict=True):
+        print(line(str(seed), row))
+    mean = {key: _mean([row[key] for row in rows]) for key in first}
+    print(line("mean", mean))
+    ratio = mean["long_mape"] / mean["in_range_mape"]
+    checks = [
+        ("growth error", mean["growth_error"] <= GROWTH_ERROR_TARGET_PCT, "<= 7 %"),
+        ("too slow", TOO_SLOW_SHARE[0] <= mean["too_slow"] <= TOO_SLOW_SHARE[1], "0.25-0.75"),
+        ("decode MAPE / in-range", ratio <= LONG_MAPE_RATIO_TARGET, "<= 1.25x"),
+        (
+            "total_p95 covers",
+            LONG_P95_COVERAGE[0] <= mean["p95_covers"] <= LONG_P95_COVERAGE[1],
+            "90-98 %",
+        ),
+    ]
+    print(
+        "  targets (issue 19): "
+        + "; ".join(f"{name} {'MET' if ok else 'MISSED'} ({target})" for name, ok, target in checks)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -398,6 +487,7 @@ def main() -> None:
         "--no-measured", action="store_true", help="only the precise sweep, no measured one"
     )
     parser.add_argument("--no-evaluate", action="store_true", help="skip evaluate/recalibrate")
+    parser.add_argument("--no-long", action="store_true", help="skip the long-answer row")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the splits")
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits")
     args = parser.parse_args()
@@ -419,6 +509,11 @@ def main() -> None:
         ]
     for results_dir, target_dir in [] if args.no_measured else pairs:
         report_sweep(results_dir, target_dir, seeds, splits, False, not args.no_evaluate)
+    if not (args.no_measured or args.no_long or args.results_dir):
+        for name, long_sweep in LONG_ANSWERS.items():
+            long_dir = bundled_data_dir() / long_sweep
+            if long_dir.is_dir():
+                report_long_answers(bundled_data_dir() / BUNDLED[name][0], long_dir, seeds)
     if args.no_precise:
         return
     if args.precise_dir is not None:
