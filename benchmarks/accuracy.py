@@ -53,11 +53,11 @@ from precise_sweep import write_precise_sweep
 
 from reports.evaluation import evaluate_checkpoint, noise_floor, run_evaluation
 from reports.knob_splits import SPLITS, SplitScore, format_split_table, score_split
-from reports.long_answers import IN_RANGE_MIN_TOKENS
+from reports.long_answers import IN_RANGE_MIN_TOKENS, in_range_reference
 from toolkit.data import load_results
 from toolkit.demo import BUNDLED, LONG_ANSWERS, bundled_data_dir
 from toolkit.features import feature_matrix
-from toolkit.metrics import bias_share, regression_metrics, score_frame
+from toolkit.metrics import bias_share, regression_metrics
 from toolkit.models.physics import PhysicsBaseline
 from toolkit.recalibrate import recalibration_curve
 from toolkit.training import split_samples, train_model
@@ -401,9 +401,7 @@ def long_answer_scores(train_dir: Path, long_dir: Path, seed: int) -> dict[str, 
         checkpoint = Path(tmp) / "model"
         train_model(train_dir, checkpoint, split="sample", seed=seed, progress=False)
         held = evaluate_checkpoint(checkpoint, train_dir, held_out_only=True)
-        model, samples = held.model, held.samples
-        part = samples.filter(samples["output_tokens"] >= IN_RANGE_MIN_TOKENS)
-        in_range = score_frame(part, model.predict_frame(part))
+        in_range = in_range_reference(held.model, held.samples)
         long = evaluate_checkpoint(checkpoint, long_dir).evaluation.get("long_answers")
     if long is None:
         raise SystemExit(f"{long_dir}: no answer longer than the model's longest trained one")
@@ -411,8 +409,8 @@ def long_answer_scores(train_dir: Path, long_dir: Path, seed: int) -> dict[str, 
         "trained_max": float(long["trained_max_output_tokens"]),
         "supported": float(long["supported_output_tokens"]),
         "n_long": float(long["n_samples"]),
-        "n_in_range": float(in_range["decode_total"]["n"]),
-        "in_range_mape": in_range["decode_total"]["mape_pct"],
+        "n_in_range": float(in_range["n"]),
+        "in_range_mape": in_range["decode_total_mape_pct"],
         "long_mape": long["decode_total"]["mape_pct"],
         "long_bias": long["decode_total_bias"],
         "growth_error": long["growth"]["mean_abs_rel_error_pct"],
@@ -509,11 +507,11 @@ def main() -> None:
         ]
     for results_dir, target_dir in [] if args.no_measured else pairs:
         report_sweep(results_dir, target_dir, seeds, splits, False, not args.no_evaluate)
-    if not (args.no_measured or args.no_long or args.results_dir):
-        for name, long_sweep in LONG_ANSWERS.items():
-            long_dir = bundled_data_dir() / long_sweep
-            if long_dir.is_dir():
-                report_long_answers(bundled_data_dir() / BUNDLED[name][0], long_dir, seeds)
+    measured = [] if args.no_measured else [d.resolve() for d, _ in pairs]
+    for name, long_sweep in [] if args.no_long else LONG_ANSWERS.items():
+        sweep_dir, long_dir = bundled_data_dir() / BUNDLED[name][0], bundled_data_dir() / long_sweep
+        if sweep_dir.resolve() in measured and long_dir.is_dir():
+            report_long_answers(sweep_dir, long_dir, seeds)
     if args.no_precise:
         return
     if args.precise_dir is not None:

@@ -140,11 +140,7 @@ def long_answer_summary(
     scores = score_frame(part, {k: np.asarray(v)[long] for k, v in predictions.items()})
     tokens = part["output_tokens"].to_numpy()
     growth = growth_error(predicted_growth(model, part), measured_growth(part, steps))
-    in_range = (samples["output_tokens"].to_numpy() >= IN_RANGE_MIN_TOKENS) & ~long
-    reference = score_frame(
-        samples.filter(pl.Series(in_range)),
-        {k: np.asarray(v)[in_range] for k, v in predictions.items()},
-    )
+    reference = _in_range_block(samples, predictions, ~long)
     limit = getattr(model, "supported_output_tokens", None)
     supported = float(limit()) if callable(limit) else math.inf
     return LongAnswers(
@@ -161,9 +157,30 @@ def long_answer_summary(
             if name in scores["coverage"]
         },
         growth=growth,
-        in_range=InRangeReference(
-            min_output_tokens=IN_RANGE_MIN_TOKENS,
-            n=reference["decode_total"]["n"],
-            decode_total_mape_pct=reference["decode_total"]["mape_pct"],
-        ),
+        in_range=reference,
     )
+
+
+def _in_range_block(
+    samples: pl.DataFrame, predictions: dict[str, np.ndarray], within: np.ndarray
+) -> InRangeReference:
+    """Decode total MAPE of the ``within`` samples with answers of ``IN_RANGE_MIN_TOKENS``+."""
+    keep = (samples["output_tokens"].to_numpy() >= IN_RANGE_MIN_TOKENS) & within
+    scores = score_frame(
+        samples.filter(pl.Series(keep)), {k: np.asarray(v)[keep] for k, v in predictions.items()}
+    )
+    return InRangeReference(
+        min_output_tokens=IN_RANGE_MIN_TOKENS,
+        n=scores["decode_total"]["n"],
+        decode_total_mape_pct=scores["decode_total"]["mape_pct"],
+    )
+
+
+def in_range_reference(model: Any, samples: pl.DataFrame) -> InRangeReference:
+    """The in-range reference of a long-answer block from other samples (held out from the
+    model's training sweep): answers of ``IN_RANGE_MIN_TOKENS``+ tokens within the trained
+    length."""
+    longest = trained_max_output_tokens(model)
+    tokens = samples["output_tokens"].to_numpy()
+    within = tokens <= longest if longest is not None else np.ones(len(tokens), dtype=bool)
+    return _in_range_block(samples, model.predict_frame(samples), within)

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 from synthetic import fit_small_model, make_samples, write_results_dir
 
+from reports.evaluation import drop_training_samples
+from reports.text import format_value
+from toolkit.data import load_results
 from toolkit.demo import long_answer_lines
 
 
@@ -37,3 +42,27 @@ def test_long_answer_line(tmp_path: Path) -> None:
     # within the trained lengths: said in one line, no numbers made up
     lines = long_answer_lines(tmp_path / "ckpt", tmp_path / "short", out)
     assert lines[1].endswith("none longer than the model's training answers.")
+
+
+def test_long_answer_line_compares_with_held_out_answers_in_range(tmp_path: Path) -> None:
+    """A sweep of long answers has no in-range answers: the line takes them from the held-out
+    part of the sweep the model was trained on (answers of 21+ tokens, within the trained
+    length), scored independently here."""
+    model = fit_small_model(tmp_path / "short", seed=23, n_estimators=20, val_fraction=0.4)
+    model.save(tmp_path / "ckpt")
+    long = tmp_path / "core_exp_long"
+    write_results_dir(
+        long,
+        make_samples(
+            n_per_config=1, seed=24, datasets=("okvqa",), min_output_tokens=62, max_output_tokens=70
+        ),
+    )
+    lines = long_answer_lines(tmp_path / "ckpt", long, tmp_path / "long.json", tmp_path / "short")
+    held, _ = drop_training_samples(load_results(tmp_path / "short").samples, model.training_data)
+    trained = model.manifest["training_summary"]["output_tokens_range"][1]
+    part = held.filter((pl.col("output_tokens") >= 21) & (pl.col("output_tokens") <= trained))
+    assert part.height > 0
+    truth = part["T_LLM_decode"].to_numpy()
+    predicted = model.predict_frame(part)["decode_total_ms"]
+    mape = float(np.mean(np.abs(predicted - truth) / truth) * 100)
+    assert f"(in range, 21+ tokens: {format_value(mape)} %)" in lines[2]

@@ -75,16 +75,24 @@ def _metric_line(label: str, result: Mapping[str, Any]) -> str:
     return line
 
 
-def long_answer_lines(checkpoint: Path, results: Path, output_file: Path) -> list[str]:
+def long_answer_lines(
+    checkpoint: Path, results: Path, output_file: Path, trained_on: Path | None = None
+) -> list[str]:
     """The demo's line on answers longer than any trained (``latkit evaluate`` on a sweep of
-    them, its JSON written to ``output_file``)."""
-    from reports.evaluation import run_evaluation
+    them, its JSON written to ``output_file``). A sweep of long answers only has no in-range
+    answers to compare with: ``trained_on`` (the sweep the model was trained on) gives them,
+    its held-out answers of ``IN_RANGE_MIN_TOKENS``+ tokens."""
+    from reports.evaluation import evaluate_checkpoint, run_evaluation
+    from reports.long_answers import in_range_reference
     from reports.text import long_answer_line
 
     evaluation = run_evaluation(checkpoint, results, output_file=output_file)
     block = evaluation.get("long_answers")
     if block is None:
         return ["", f"Long answers ({results}): none longer than the model's training answers."]
+    if trained_on is not None and not block["in_range"]["n"]:
+        held = evaluate_checkpoint(checkpoint, trained_on, held_out_only=True)
+        block["in_range"] = in_range_reference(held.model, held.samples)
     return ["", f"Long answers ({results.name}):", "  " + long_answer_line(block)]
 
 
@@ -213,7 +221,7 @@ def run_demo(
     if long_results.is_dir():
         _banner("long answers (longer than any trained)")
         summary.lines += long_answer_lines(
-            checkpoint, long_results, work / "evaluation_long_answers.json"
+            checkpoint, long_results, work / "evaluation_long_answers.json", results
         )
         summary.paths["evaluation (long answers)"] = work / "evaluation_long_answers.json"
     summary.lines += ["", "Sparse grid (trained on top_k 4/8/12 x blocks 8/12/16 of each tier):"]

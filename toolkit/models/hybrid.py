@@ -58,6 +58,7 @@ from toolkit.models.decode import (
     prompt_tokens,
 )
 from toolkit.models.decode_training import (
+    SUM_LOSSES,
     DecodeTraining,
     EpochLog,
     auto_batch_size,
@@ -166,7 +167,7 @@ class HybridLatencyModel:
         decode_weight: float = 1.0,
         prefill_params: dict[str, Any] | None = None,
         cpu_threads: int | None = 1,
-        sum_loss: str = "log",
+        sum_loss: str = "log_abs",
         calibration_fraction: float = 0.2,
         decode_inputs: tuple[str, ...] | list[str] = DEFAULT_INPUTS,
     ) -> None:
@@ -182,8 +183,8 @@ class HybridLatencyModel:
         self.decode_weight = decode_weight
         self.prefill_params = dict(prefill_params or {})
         self.cpu_threads = cpu_threads
-        if sum_loss not in ("mse", "log"):
-            raise ValueError(f"sum_loss must be 'mse' or 'log', got {sum_loss!r}")
+        if sum_loss not in SUM_LOSSES:
+            raise ValueError(f"sum_loss must be one of {', '.join(SUM_LOSSES)}, got {sum_loss!r}")
         self.sum_loss = sum_loss
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
