@@ -137,7 +137,7 @@ def test_pass_time_is_linear_in_the_kv_length() -> None:
 
 def test_decode_net_sees_only_its_inputs() -> None:
     torch.manual_seed(0)
-    assert DecodeNet().inputs == DEFAULT_INPUTS == FEATURE_NAMES
+    assert DecodeNet().inputs == DEFAULT_INPUTS == ("text_tokens", *CONFIG_INPUTS)
     net = DecodeNet(inputs=CONFIG_INPUTS)
     a = torch.tensor([[288.0, 40.0, 1.0, 8.0, 12.0]])
     b = torch.tensor([[2016.0, 400.0, 1.0, 8.0, 12.0]])  # other token counts, same config

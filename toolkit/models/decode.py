@@ -15,13 +15,16 @@ Where the slope comes from: ``c`` multiplies ``P + k``, and the profiled prompts
 to ~2500 tokens while answers span a few tens. With ``CONFIG_INPUTS`` (the network sees only
 the configuration) the prompt can change a pass's time only through that slope, so the
 prompts' spread pins ``c`` down. The default, ``DEFAULT_INPUTS``, also shows the network the
-token counts, so that ``a`` and ``c`` may vary with the prompt in ways a straight line does
-not capture; per-pass time still grows exactly linearly in k for every request, which is
-what carries a prediction past the profiled answer lengths. Measured (``benchmarks/
-accuracy.py``, README "Measured"): on answers of 128-448 tokens both carry the growth within
-2 % (trained on answers of at most 52); in range, the token counts gain 4-6 % of decode
-MAPE on the tiny sweep and are within 1.5 % (the seed-to-seed spread) on the small and the
-simulated precise sweeps.
+text prompt's length (the vision tokens follow the tier), so that ``a`` and ``c`` may vary
+with it in ways a straight line does not capture; per-pass time still grows exactly
+linearly in k for every request, which is what carries a prediction past the profiled
+answer lengths. Measured, decode total MAPE on the four knob splits (mean of 3 seeds;
+README "Measured"): configuration alone / + text tokens / all five features: small sweep
+7.45-7.69 / 7.19-7.98 / 7.20-7.73 %, tiny 22.59-24.36 / 21.91-22.87 / 21.54-22.76 %, the
+simulated precise sweep 1.03-1.37 / 1.04-1.34 / 1.03-1.60 %; growth on answers of 128-448
+tokens within 1.5-1.7 % for all three. The tiny sweep, measured dataset by dataset, has
+per-dataset drift that the token counts stand in for; the precise sweep penalises the
+vision tokens when top_k and blocks are extrapolated (1.60 %).
 
 The sum over passes 1..m has a closed form (the basis' prefix sum),
 
@@ -55,8 +58,9 @@ BASIS_TERMS: Final[tuple[str, ...]] = ("1", "(P+k)/1024")
 PROMPT_COLUMNS: Final[tuple[int, int]] = (0, 1)
 #: The configuration alone: the token counts then enter through the KV length alone.
 CONFIG_INPUTS: Final[tuple[str, ...]] = ("tier_idx", "top_k", "num_active_blocks")
-#: The features the network sees by default: all five (see the module doc).
-DEFAULT_INPUTS: Final[tuple[str, ...]] = FEATURE_NAMES
+#: The features the network sees by default: the configuration and the text prompt's length
+#: (see the module doc).
+DEFAULT_INPUTS: Final[tuple[str, ...]] = ("text_tokens", *CONFIG_INPUTS)
 
 # TorchScript cannot read module globals, so the functions below spell KV_UNIT as a literal.
 assert KV_UNIT == 1024.0 and N_BASIS == 2 and PROMPT_COLUMNS == (0, 1)
@@ -118,8 +122,8 @@ class DecodeNet(nn.Module):
 
     A ReLU network of the configuration. Normalisation lives inside as buffers (saved with the
     weights): features are standardised with the training mean/std and multiplied by
-    ``feature_mask`` (1 for the inputs the network sees, 0 for the others; all are seen by
-    default, see the module doc), and the softplus output is scaled by ``coef_scale``, so
+    ``feature_mask`` (1 for the inputs the network sees, 0 for the others: the vision tokens
+    by default, see the module doc), and the softplus output is scaled by ``coef_scale``, so
     the network itself only sees and emits O(1) numbers. Standardisation and mask fold into
     the first layer and ReLU into ONNX Runtime's Gemm, which keeps the exported predictor to a
     few nodes.
