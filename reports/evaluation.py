@@ -21,11 +21,9 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypedDict
 
@@ -47,11 +45,15 @@ from toolkit.errors import LatkitError
 from toolkit.features import config_name, feature_matrix
 from toolkit.metrics import FrameScores, decode_passes, jsonable, score_frame
 from toolkit.training import CONFIG_KEYS
+from toolkit.versions import installed_versions
 
 if TYPE_CHECKING:
     from toolkit.data import LoadResult
 
 log = logging.getLogger(__name__)
+
+#: The packages an evaluation records the versions of.
+RECORDED_PACKAGES = ("latkit", "numpy", "polars", "xgboost", "torch", "matplotlib")
 
 __all__ = [
     "METRIC_KEYS",
@@ -539,17 +541,6 @@ def _data_card(data: LoadResult | None) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
-    """Versions of what computed this evaluation."""
-    found = {"python": platform.python_version()}
-    for package in ("latkit", "numpy", "polars", "xgboost", "torch", "matplotlib"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
 def evaluate_model(
     model: Predictor,
     samples: pl.DataFrame,
@@ -603,7 +594,7 @@ def evaluate_model(
         "warnings": _warnings(model, samples, n_training_scored, long_answers, data),
         "data": _data_card(data),
         "model": _model_card(model),
-        "versions": _versions(),
+        "versions": installed_versions(RECORDED_PACKAGES),
     }
     if long_answers is not None:
         result["long_answers"] = long_answers

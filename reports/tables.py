@@ -70,11 +70,6 @@ def _models(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [("hybrid", result), *result.get("baselines", {}).items()]
 
 
-def _noise_floor_known(result: Mapping[str, Any]) -> bool:
-    floor = result.get("noise_floor", {})
-    return any(block.get("n") for block in floor.values())
-
-
 def headline_table(result: Mapping[str, Any], target: str) -> Table:
     """Every model (and the noise floor) on one target: MAE, MAPE, R², bias, and the
     coverage of the target's P90/P95 bounds."""

@@ -58,8 +58,13 @@ from toolkit.profiler.writer import (
     result_stem,
     write_result,
 )
+from toolkit.versions import installed_versions
 
 log = logging.getLogger(__name__)
+
+#: The packages a run log records the versions of (read from their metadata: a Ray driver
+#: that never builds a model does not import transformers).
+RECORDED_PACKAGES = ("torch", "transformers", "numpy")
 
 _RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$")
 #: How often (seconds of the sweep's clock) ``logs/run.json`` is rewritten while it runs.
@@ -220,20 +225,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise LatkitError(f"unknown device {name!r}: expected auto, cpu or cuda")
     return torch.device(name)
-
-
-def _versions() -> dict[str, str]:
-    # The installed version, without importing transformers (seconds of CPU in a Ray driver,
-    # which never builds a model).
-    from importlib.metadata import version
-
-    return {
-        "latkit": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "numpy": np.__version__,
-    }
 
 
 def check_address(address: str) -> str:
@@ -548,7 +539,7 @@ class Sweep:
             "elapsed_s": round(self.clock() - self.started, 1),
             "command": sys.argv,
             "settings": _settings_dict(self.settings),
-            "versions": _versions(),
+            "versions": {**installed_versions(RECORDED_PACKAGES), "latkit": __version__},
             "device": context.pop("device", {}),
             "model": context.pop("model", {}),
             **context,
