@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from reports.evaluation import Evaluation, evaluate_checkpoint, jsonable, write_evaluation
+from reports.evaluation import (
+    Evaluation,
+    EvaluationRun,
+    evaluate_checkpoint,
+    jsonable,
+    write_evaluation,
+)
 from reports.tables import (
     CURVE_KEYS,
     MISSING,
@@ -139,8 +145,12 @@ class RecalibrationCurve:
 @dataclass(frozen=True)
 class ReportResult:
     path: Path
-    evaluation: Evaluation
+    run: EvaluationRun  # the evaluation with the model and samples it was computed from
     n_bytes: int
+
+    @property
+    def evaluation(self) -> Evaluation:
+        return self.run.evaluation
 
 
 def _name(path: str | None) -> str:
@@ -557,4 +567,4 @@ def run_report(
         write_evaluation(json_file, run.evaluation)
     if figures_dir is not None:
         write_figures(figures, figures_dir)
-    return ReportResult(Path(output_file), run.evaluation, len(page.encode("utf-8")))
+    return ReportResult(Path(output_file), run, len(page.encode("utf-8")))

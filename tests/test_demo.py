@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 from synthetic import fit_small_model, make_samples, write_results_dir
 
-from reports.evaluation import drop_training_samples
+from reports.evaluation import drop_training_samples, evaluate_checkpoint
 from reports.text import format_value
 from toolkit.data import load_results
 from toolkit.demo import long_answer_lines
@@ -57,7 +57,8 @@ def test_long_answer_line_compares_with_held_out_answers_in_range(tmp_path: Path
             n_per_config=1, seed=24, datasets=("okvqa",), min_output_tokens=62, max_output_tokens=70
         ),
     )
-    lines = long_answer_lines(tmp_path / "ckpt", long, tmp_path / "long.json", tmp_path / "short")
+    held_out = evaluate_checkpoint(tmp_path / "ckpt", tmp_path / "short", held_out_only=True)
+    lines = long_answer_lines(tmp_path / "ckpt", long, tmp_path / "long.json", held_out)
     held, _ = drop_training_samples(load_results(tmp_path / "short").samples, model.training_data)
     trained = model.manifest["training_summary"]["output_tokens_range"][1]
     part = held.filter((pl.col("output_tokens") >= 21) & (pl.col("output_tokens") <= trained))

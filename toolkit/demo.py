@@ -21,11 +21,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from toolkit.errors import LatkitError
+
+if TYPE_CHECKING:
+    from reports.evaluation import EvaluationRun
 
 log = logging.getLogger("latkit.demo")
 
@@ -76,13 +79,13 @@ def _metric_line(label: str, result: Mapping[str, Any]) -> str:
 
 
 def long_answer_lines(
-    checkpoint: Path, results: Path, output_file: Path, trained_on: Path | None = None
+    checkpoint: Path, results: Path, output_file: Path, held_out: EvaluationRun | None = None
 ) -> list[str]:
     """The demo's line on answers longer than any trained (``latkit evaluate`` on a sweep of
     them, its JSON written to ``output_file``). A sweep of long answers only has no in-range
-    answers to compare with: ``trained_on`` (the sweep the model was trained on) gives them,
-    its held-out answers of ``IN_RANGE_MIN_TOKENS``+ tokens."""
-    from reports.evaluation import evaluate_checkpoint, run_evaluation
+    answers to compare with: ``held_out`` (the evaluation of the samples held out from the
+    model's training sweep) gives them, its answers of ``IN_RANGE_MIN_TOKENS``+ tokens."""
+    from reports.evaluation import run_evaluation
     from reports.long_answers import in_range_reference
     from reports.text import long_answer_line
 
@@ -90,9 +93,8 @@ def long_answer_lines(
     block = evaluation.get("long_answers")
     if block is None:
         return ["", f"Long answers ({results}): none longer than the model's training answers."]
-    if trained_on is not None and not block["in_range"]["n"]:
-        held = evaluate_checkpoint(checkpoint, trained_on, held_out_only=True)
-        block["in_range"] = in_range_reference(held.model, held.samples)
+    if held_out is not None and not block["in_range"]["n"]:
+        block["in_range"] = in_range_reference(held_out.model, held_out.samples)
     return ["", f"Long answers ({results.name}):", "  " + long_answer_line(block)]
 
 
@@ -221,7 +223,7 @@ def run_demo(
     if long_results.is_dir():
         _banner("long answers (longer than any trained)")
         summary.lines += long_answer_lines(
-            checkpoint, long_results, work / "evaluation_long_answers.json", results
+            checkpoint, long_results, work / "evaluation_long_answers.json", report.run
         )
         summary.paths["evaluation (long answers)"] = work / "evaluation_long_answers.json"
     summary.lines += ["", "Sparse grid (trained on top_k 4/8/12 x blocks 8/12/16 of each tier):"]
