@@ -27,6 +27,7 @@ it):
 
     python benchmarks/accuracy.py [--results-dir DIR --target-results-dir DIR] [--seeds 0,1,2]
         [--precise-dir DIR | --no-precise] [--no-measured] [--no-evaluate] [--no-long]
+        [--decode-inputs F,F,...] [--sum-loss log_abs|log|mse]
         [--splits sample,config,sparse,extrap]
 """
 
@@ -180,6 +181,7 @@ def report_models(
     seeds: list[int],
     splits: list[str],
     precise: bool,
+    model_params: dict[str, Any] | None = None,
 ) -> None:
     floor = noise_floor(samples)
     prefill_floor = floor["prefill"]["mape_pct"]
@@ -204,6 +206,7 @@ def report_models(
                         structure=structure,
                         prefill_params=params,
                         label=label,
+                        model_params=model_params,
                     )
                 )
                 seconds.setdefault(label, []).append(time.perf_counter() - started)
@@ -366,18 +369,21 @@ def report_sweep(
     splits: list[str],
     precise: bool,
     evaluate: bool,
+    model_params: dict[str, Any] | None = None,
 ) -> None:
     print("=" * 100)
     kind = "SIMULATED precise sweep (not a measurement)" if precise else "measured sweep"
     print(f"data: {results_dir} ({kind})")
     loaded = load_results(results_dir)
-    report_models(loaded.samples, loaded.steps, seeds, splits, precise)
+    report_models(loaded.samples, loaded.steps, seeds, splits, precise, model_params)
     report_baseline_alone(loaded.samples, seeds, splits)
     if not evaluate:
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "sample"
-        train_model(results_dir, checkpoint, split="sample", progress=False)
+        train_model(
+            results_dir, checkpoint, split="sample", progress=False, model_params=model_params
+        )
         result = run_evaluation(
             checkpoint, results_dir, output_file=None, baselines=True, held_out_only=True
         )
@@ -394,15 +400,25 @@ LONG_MAPE_RATIO_TARGET = 1.25
 LONG_P95_COVERAGE = (0.90, 0.98)
 
 
-def long_answer_scores(train_dir: Path, long_dir: Path, seed: int) -> dict[str, float]:
+def long_answer_scores(
+    train_dir: Path, long_dir: Path, seed: int, model_params: dict[str, Any] | None = None
+) -> dict[str, float]:
     """One seed: train the default model on ``train_dir`` (20 % of samples held out), score
     the held-out in-range answers of 21+ tokens and every long answer of ``long_dir``."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model"
-        train_model(train_dir, checkpoint, split="sample", seed=seed, progress=False)
+        train_model(
+            train_dir,
+            checkpoint,
+            split="sample",
+            seed=seed,
+            progress=False,
+            model_params=model_params,
+        )
         held = evaluate_checkpoint(checkpoint, train_dir, held_out_only=True)
         in_range = in_range_reference(held.model, held.samples)
-        long = evaluate_checkpoint(checkpoint, long_dir).evaluation.get("long_answers")
+        run = evaluate_checkpoint(checkpoint, long_dir)
+        long = run.evaluation.get("long_answers")
     if long is None:
         raise SystemExit(f"{long_dir}: no answer longer than the model's longest trained one")
     return {
@@ -418,14 +434,40 @@ def long_answer_scores(train_dir: Path, long_dir: Path, seed: int) -> dict[str, 
         "too_slow": long["growth"]["share_predicted_too_slow"],
         "p90_covers": long["coverage"].get("total_p90_ms", math.nan),
         "p95_covers": long["coverage"].get("total_p95_ms", math.nan),
+        **_long_answer_bounds(run.model, run.samples),
     }
 
 
-def report_long_answers(train_dir: Path, long_dir: Path, seeds: list[int]) -> None:
+def _long_answer_bounds(model: Any, samples: pl.DataFrame) -> dict[str, float]:
+    """Why the long answers' bounds cover what they cover: the median width of
+    ``total_p95_ms`` (bound / actual total), the total's P95 factors (prefill, decode) and
+    percentiles of actual / predicted decode."""
+    predicted = model.predict_frame(samples)
+    decode = samples["T_LLM_decode"].to_numpy()
+    total = decode + samples["T_prefill_total"].to_numpy()
+    ratio = decode / predicted["decode_total_ms"]
+    prefill_factor, decode_factor = model.bounds.total["p95"]
+    p5, p50, p95 = np.percentile(ratio, [5, 50, 95])
+    return {
+        "p95_width": float(np.median(predicted["total_p95_ms"] / total)),
+        "p95_prefill_factor": prefill_factor,
+        "p95_decode_factor": decode_factor,
+        "decode_ratio_p5": float(p5),
+        "decode_ratio_p50": float(p50),
+        "decode_ratio_p95": float(p95),
+    }
+
+
+def report_long_answers(
+    train_dir: Path,
+    long_dir: Path,
+    seeds: list[int],
+    model_params: dict[str, Any] | None = None,
+) -> None:
     """Section 5 of the module doc: one row per seed, the mean and issue 19's targets."""
     print("=" * 100)
     print(f"long answers: trained on {train_dir} (20 % held out), scored on {long_dir}")
-    rows = [long_answer_scores(train_dir, long_dir, seed) for seed in seeds]
+    rows = [long_answer_scores(train_dir, long_dir, seed, model_params) for seed in seeds]
     first = rows[0]
     print(
         f"  longest trained answer {first['trained_max']:.0f} tokens (supported up to "
@@ -451,6 +493,13 @@ def report_long_answers(train_dir: Path, long_dir: Path, seeds: list[int]) -> No
         print(line(str(seed), row))
     mean = {key: _mean([row[key] for row in rows]) for key in first}
     print(line("mean", mean))
+    print(
+        f"  total_p95_ms on long answers: median {mean['p95_width']:.2f}x the actual total; "
+        f"the total's P95 factors prefill {mean['p95_prefill_factor']:.2f}, decode "
+        f"{mean['p95_decode_factor']:.2f}; actual / predicted decode: 5th / 50th / 95th "
+        f"percentile {mean['decode_ratio_p5']:.2f} / {mean['decode_ratio_p50']:.2f} / "
+        f"{mean['decode_ratio_p95']:.2f} (means over seeds)"
+    )
     ratio = mean["long_mape"] / mean["in_range_mape"]
     checks = [
         ("growth error", mean["growth_error"] <= GROWTH_ERROR_TARGET_PCT, "<= 7 %"),
@@ -486,11 +535,23 @@ def main() -> None:
     )
     parser.add_argument("--no-evaluate", action="store_true", help="skip evaluate/recalibrate")
     parser.add_argument("--no-long", action="store_true", help="skip the long-answer row")
+    parser.add_argument(
+        "--decode-inputs",
+        help="comma-separated features the decode network sees (default: the model's; e.g. "
+        "tier_idx,top_k,num_active_blocks for the configuration alone)",
+    )
+    parser.add_argument("--sum-loss", help="the decode's summed-sequence loss (log_abs, log, mse)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the splits")
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    evaluate = not args.no_evaluate
+    model_params: dict[str, Any] = {}
+    if args.decode_inputs:
+        model_params["decode_inputs"] = tuple(args.decode_inputs.split(","))
+    if args.sum_loss:
+        model_params["sum_loss"] = args.sum_loss
     splits = [s for s in args.splits.split(",") if s.strip()]
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -506,21 +567,21 @@ def main() -> None:
             for sweep, target in BUNDLED.values()
         ]
     for results_dir, target_dir in [] if args.no_measured else pairs:
-        report_sweep(results_dir, target_dir, seeds, splits, False, not args.no_evaluate)
+        report_sweep(results_dir, target_dir, seeds, splits, False, evaluate, model_params)
     measured = [] if args.no_measured else [d.resolve() for d, _ in pairs]
     for name, long_sweep in [] if args.no_long else LONG_ANSWERS.items():
         sweep_dir, long_dir = bundled_data_dir() / BUNDLED[name][0], bundled_data_dir() / long_sweep
         if sweep_dir.resolve() in measured and long_dir.is_dir():
-            report_long_answers(sweep_dir, long_dir, seeds)
+            report_long_answers(sweep_dir, long_dir, seeds, model_params)
     if args.no_precise:
         return
     if args.precise_dir is not None:
-        report_sweep(args.precise_dir, None, seeds, splits, True, not args.no_evaluate)
+        report_sweep(args.precise_dir, None, seeds, splits, True, evaluate, model_params)
         return
     with tempfile.TemporaryDirectory(prefix="latkit-precise-") as tmp:
         log = write_precise_sweep(tmp)
         print(f"\nwrote the SIMULATED precise sweep: {log['samples']} samples ({log['note']})")
-        report_sweep(Path(tmp), None, seeds, splits, True, not args.no_evaluate)
+        report_sweep(Path(tmp), None, seeds, splits, True, evaluate, model_params)
 
 
 if __name__ == "__main__":

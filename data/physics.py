@@ -1,6 +1,11 @@
 """Print the physics of a measured sweep: how prefill and decode grow with each knob.
 
     python data/physics.py data/core_exp_tiny_cpu
+    python data/physics.py data/core_exp_small_cpu_long data/core_exp_small_cpu
+
+With answers of more than 100 passes it also prints the per-pass time along the answer; with
+a second sweep, how fast the first one's passes ran against the second's on the same
+configurations, datasets and positions (passes 1-40): the machine between two sweeps.
 
 Ratios are geometric means, over the other two knobs, of per-configuration medians.
 """
@@ -108,7 +113,74 @@ def main(results_dir: str) -> None:
         .agg(pl.col("rel").median(), pl.len())
         .sort("k_bin")
     )
+    if int(samples["n_decode_passes"].max() or 0) > 100:
+        along_the_answer(steps)
+
+
+#: Windows of pass positions for the profile along long answers.
+WINDOWS = ((1, 40), (41, 100), (101, 200), (201, 300), (301, 10**6))
+
+
+def along_the_answer(steps: pl.DataFrame) -> None:
+    """Per sample, the mean pass time of each window of positions over that of its passes
+    1-40 (median over samples, windows of at least 10 passes); the first pass over the
+    sample's median pass; a straight line's slope through each sample's passes."""
+    per_sample = steps.sort("sample_key", "k").group_by("sample_key", maintain_order=True)
+    first40 = (
+        steps.filter(pl.col("k") <= 40)
+        .group_by("sample_key")
+        .agg(pl.col("T_decode_pass").mean().alias("first40"))
+    )
+    print("\nper-pass time along the answer, x the sample's passes 1-40 (median over samples):")
+    for low, high in WINDOWS:
+        window = (
+            steps.filter(pl.col("k").is_between(low, high))
+            .group_by("sample_key")
+            .agg(pl.col("T_decode_pass").mean().alias("mean"), pl.len().alias("n"))
+            .filter(pl.col("n") >= 10)
+            .join(first40, on="sample_key")
+        )
+        if window.height:
+            ratio = (window["mean"] / window["first40"]).median()
+            last = min(high, int(steps["k"].max()))
+            print(f"  passes {low}-{last}: {ratio:.3f} ({window.height} samples)")
+    shape = per_sample.agg(
+        (pl.col("T_decode_pass").first() / pl.col("T_decode_pass").median()).alias("first"),
+        (pl.cov("k", "T_decode_pass") / pl.col("k").var() / pl.col("T_decode_pass").median()).alias(
+            "slope"
+        ),
+    )
+    print(
+        f"  first pass / the sample's median pass: {shape['first'].median():.3f}; a straight "
+        f"line through a sample's passes rises {100 * 1000 * shape['slope'].median():.1f} % "
+        "per 1000 passes (median over samples)"
+    )
+
+
+def compare_sweeps(results_dir: str, reference_dir: str) -> None:
+    """Median pass time of passes 1-40 per (dataset, configuration) in both sweeps; the
+    geometric mean (min-max) of the first's over the reference's."""
+    keys = ["dataset", "tier", "top_k", "num_active_blocks"]
+
+    def early_passes(directory: str) -> pl.DataFrame:
+        loaded = load_results(directory, outlier_ms=None)
+        return (
+            loaded.steps.filter(pl.col("k") <= 40)
+            .join(loaded.samples.select("sample_key", *keys), on="sample_key")
+            .group_by(keys)
+            .agg(pl.col("T_decode_pass").median().alias("pass_ms"))
+        )
+
+    both = early_passes(results_dir).join(early_passes(reference_dir), on=keys, suffix="_ref")
+    ratio = (both["pass_ms"] / both["pass_ms_ref"]).to_numpy()
+    print(
+        f"\n{results_dir} against {reference_dir}, passes 1-40 of the same {both.height} "
+        f"(dataset, configuration) pairs: {np.exp(np.log(ratio).mean()):.2f}x "
+        f"({ratio.min():.2f}-{ratio.max():.2f})"
+    )
 
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "data/core_exp_tiny_cpu")
+    if len(sys.argv) > 2:
+        compare_sweeps(sys.argv[1], sys.argv[2])

@@ -109,12 +109,17 @@ def score_split(
     num_epochs: int = 50,
     prefill_params: dict[str, Any] | None = None,
     label: str | None = None,
+    model_params: dict[str, Any] | None = None,
 ) -> SplitScore:
     """Train on the profiled part of ``split`` and score the held-out parts (module doc).
 
-    ``prefill_params``: further ``PrefillModel`` parameters; ``label``: the model's name in
-    the scores and tables (default: the structure)."""
-    params = {"prefill_params": {"structure": structure, **(prefill_params or {})}}
+    ``prefill_params``: further ``PrefillModel`` parameters; ``model_params``: further
+    ``HybridLatencyModel`` parameters (the decode's, say); ``label``: the model's name in the
+    scores and tables (default: the structure)."""
+    params = {
+        **(model_params or {}),
+        "prefill_params": {"structure": structure, **(prefill_params or {})},
+    }
     structure = label or structure
     if split == "sample":
         train, held = split_samples(samples, "sample", 0.2, seed)

@@ -275,8 +275,10 @@ def train_model(
     val_fraction: float = 0.2,
     max_samples: int | None = None,
     progress: bool | None = None,
+    model_params: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Load ``results_dir``, train, save to ``output_dir``; logs like the original tool."""
+    """Load ``results_dir``, train, save to ``output_dir``; logs like the original tool.
+    ``model_params``: further ``HybridLatencyModel`` parameters (as ``train_on_frames``)."""
     import sys
 
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -310,6 +312,7 @@ def train_model(
             val_fraction=val_fraction,
             max_samples=max_samples,
             progress=progress,
+            model_params=model_params,
         )
     best = result.model.manifest.get("best_epoch")
     log.debug("Best epoch (lowest validation loss): %s of %d", best, num_epochs)

@@ -19,7 +19,8 @@ text prompt's length (the vision tokens follow the tier), so that ``a`` and ``c`
 with it in ways a straight line does not capture; per-pass time still grows exactly
 linearly in k for every request, which is what carries a prediction past the profiled
 answer lengths. Measured, decode total MAPE on the four knob splits (mean of 3 seeds;
-README "Measured"): configuration alone / + text tokens / all five features: small sweep
+``python benchmarks/accuracy.py --decode-inputs ...``), configuration alone / + text tokens /
+all five features: small sweep
 7.45-7.69 / 7.19-7.98 / 7.20-7.73 %, tiny 22.59-24.36 / 21.91-22.87 / 21.54-22.76 %, the
 simulated precise sweep 1.03-1.37 / 1.04-1.34 / 1.03-1.60 %; growth on answers of 128-448
 tokens within 1.5-1.7 % for all three. The tiny sweep, measured dataset by dataset, has

@@ -10,11 +10,12 @@ parameters and the fitted network. Training, in one vectorised pass per minibatc
   measures. ``sum_loss="log_abs"`` (default): the absolute log error, whose minimiser is the
   conditional *median*. CPU timing noise is skewed (a busy core stretches every pass of an
   answer, nothing makes one faster), so a squared error chases the slow tail: on the bundled
-  small sweep ``"log"`` predicted 4 % above the median answer (decode bias 0.71, MAPE 8.9 %
-  on held-out samples) where ``"log_abs"`` gives 0.53 and 7.4 %; on the tiny and the
-  simulated precise sweep the two agree. ``sum_loss="log"``: the squared log error (latkit
-  0.3). ``sum_loss="mse"``: the error divided by ``m * s`` (``s`` = mean pass time of the
-  training data), i.e. the MSE of the mean pass time in units of a typical pass.
+  small sweep's held-out samples ``"log"`` gives decode bias 0.68 and MAPE 8.75 %
+  where ``"log_abs"`` gives 0.55 and 7.70 % (``python benchmarks/accuracy.py --results-dir
+  data/core_exp_small_cpu --splits sample [--sum-loss log]``); on the tiny and the simulated
+  precise sweep the two agree. ``sum_loss="log"``: the squared log error (latkit 0.3).
+  ``sum_loss="mse"``: the error divided by ``m * s`` (``s`` = mean pass time of the training
+  data), i.e. the MSE of the mean pass time in units of a typical pass.
 - per-pass loss where ``T_decode_per_step`` exists: sum over the sample's measured passes of
   ``(coef . basis(k, P) - t_k)^2``. Because the prediction is linear in ``coef`` this equals
   ``coef^T G coef - 2 coef . h + q`` with per-sample ``G = sum_k basis basis^T``,
