@@ -15,6 +15,11 @@ sample ``metadata.simulated = true``, and ``logs/run.json`` says so. Never bundl
 
     python benchmarks/precise_sweep.py [--output-dir DIR] [--samples-per-config 6]
         [--repeats 1] [--noise 0.01] [--seed 0] [--gzip] [--device h100|a100]
+        [--datasets coco_caption --output-tokens 128-448]
+
+``--output-tokens LO-HI`` draws every answer's length uniformly in [LO, HI], as ``latkit
+profile --output-tokens`` does: a long-answer sweep with the same noise model as the
+default one (``benchmarks/accuracy.py`` scores the precise model on one).
 
 Without ``--output-dir`` it writes into a new temporary directory and prints its path.
 Default: 9 datasets x 75 configurations x 6 samples = 4050 samples, in a few seconds.
@@ -45,7 +50,7 @@ import gpu_roofline
 
 from toolkit.atomic import write_json_atomic
 from toolkit.features import VISION_TOKENS_PER_CROP
-from toolkit.profiler.datasets import parse_datasets
+from toolkit.profiler.datasets import parse_datasets, parse_output_tokens
 from toolkit.profiler.sweep import Job, ProfileSettings, plan_jobs
 from toolkit.profiler.timing import SampleTiming
 from toolkit.profiler.writer import noise_records, noise_summary, result_document, write_result
@@ -104,6 +109,7 @@ def write_precise_sweep(
     datasets: list[str] | None = None,
     gzip: bool = False,
     device: str = "h100",
+    output_tokens: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Write the simulated sweep into ``output_dir``; returns its ``logs/run.json`` document."""
     if samples_per_config < 1 or repeats < 1:
@@ -125,6 +131,7 @@ def write_precise_sweep(
         seed=seed,
         gzip=gzip,
         progress=False,
+        output_tokens=output_tokens,
     )
     plan, _ = plan_jobs(settings, out)
     gpu, model = gpu_roofline.DEVICES[device], gpu_roofline.MODEL
@@ -173,6 +180,7 @@ def write_precise_sweep(
             "seed": seed,
             "gzip": gzip,
             "device": device,
+            "output_tokens": list(output_tokens) if output_tokens else None,
         },
         "simulation": simulation,
         "files": {"planned": len(plan), "written": len(plan)},
@@ -196,6 +204,9 @@ def main() -> None:
     parser.add_argument(
         "--device", choices=sorted(gpu_roofline.DEVICES), default="h100", help="simulated GPU"
     )
+    parser.add_argument(
+        "--output-tokens", metavar="LO-HI", help="answer lengths drawn uniformly in [LO, HI]"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="latkit-precise-sweep-"))
@@ -208,6 +219,7 @@ def main() -> None:
         datasets=args.datasets.split(",") if args.datasets else None,
         gzip=args.gzip,
         device=args.device,
+        output_tokens=parse_output_tokens(args.output_tokens),
     )
     print(
         f"SIMULATED sweep (not a measurement): {run_log['samples']} samples in "

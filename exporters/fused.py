@@ -21,26 +21,30 @@ nodes and narrow tensors:
     stays below 1 (the clip never binds) for every input up to ``FEATURE_LIMITS``;
   * the factors of the decode terms (``DECODE_TERMS``): ``m = relu(N - 1) 2^-24`` (the
     passes), ``q = (P + N / 2) 2^-26`` (the mean KV length over the passes, P the prompt),
-    ``ind = [N > 1]`` (exact for float32 N: ``clip((N - 1) 2^23, 0, 1)``) and the constant 1;
+    ``ind = [N > 1]`` (exact for float32 N: ``clip((N - 1) 2^23, 0, 1)``), the constant 1
+    and the physics prior's linear factors ``B = blocks``, ``K = a1 + a2 top_k``,
+    ``C = c0 + c1 blocks`` (``toolkit.models.decode``; scaled by powers of two like the
+    baseline's);
   * the decode network's first layer, standardisation folded in and scaled by 2**-40 so
     that the clip never binds (``clip(2**-40 z, 0, 1) = 2**-40 relu(z)`` bit for bit; the
     next layer's weights carry 2**40).
 
   The first columns are the product block, laid out so that a Slice and a Reshape to
   [B, 3, n] put the three factors of each product on one axis: one ReduceProd yields the
-  n = 7 products, the baseline's three and the decode products ``m``, ``m q``, ``ind``,
-  ``ind q`` (a block of its own, so that everything after it is 7 columns wide, not as wide
-  as the split tests);
+  n = 9 products, the baseline's three and the decode products ``m``, ``m q C``, ``m B K``,
+  ``ind``, ``ind q C``, ``ind B K`` (a block of its own, so that everything after it is 9
+  columns wide, not as wide as the split tests);
 - one MatMul with the strides gives the table row, exact in float32 (integers below 2**24);
   a Cast and a Gather read the residual factor, one Mul applies it to the products, and a
   second Gather reads the cell's floor in ms (the prefill is ``max(floor, baseline x
   residual factor)``, ``toolkit.models.prefill_table``);
 - the decode network's head (Gemm + Softplus) gives, for every product, the coefficient that
-  multiplies it: 0 for the baseline's (bias -inf), and the per-pass coefficients ``a``
-  (constant) and ``c`` (slope over the KV length; ``toolkit.models.decode``) for the decode
-  products; one Mul gives the decode terms ``a m``, ``c m q``, ``a ind``, ``c ind q``. The
-  decode total over m passes, ``a m + c m (P + N / 2) / 1024``, and the mean pass,
-  ``[N > 1] (a + c (P + N / 2) / 1024)``, are linear in those four columns: no division;
+  multiplies it: 0 for the baseline's (bias -inf), and the network's factors ``f_a`` (of the
+  constant per pass) and ``f_c`` (of the slope over the KV length; ``toolkit.models.decode``)
+  for the decode products; one Mul gives the decode terms. With the prior's a0 in the output
+  Gemm's weights, the decode total over m passes, ``a m + c m (P + N / 2) / 1024`` with
+  ``a = f_a (a0 + B K)`` and ``c = f_c C``, and the mean pass, ``[N > 1] (a + c (P + N / 2)
+  / 1024)``, are linear in those six columns: no division;
 - ONE output Gemm maps the concatenated products, floor and decode terms to every output at
   once (transposed: [36, B]): the calibration scale, the powers of two of the factor scaling
   and every bound factor are in its weights, the calibration offsets in its bias. Its four
@@ -68,6 +72,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -78,7 +83,15 @@ from torch import Tensor
 from exporters.tree_table import PrefillTable
 from toolkit.errors import LatkitError
 from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES
-from toolkit.models.decode import KV_UNIT, N_BASIS, decode_outputs
+from toolkit.models.decode import (
+    BLOCKS_COLUMN,
+    IDENTITY_PRIOR,
+    KV_UNIT,
+    N_BASIS,
+    TOP_K_COLUMN,
+    decode_outputs,
+    prior_coefficients,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +119,18 @@ CONST_LOGIT: Final[float] = 32.0
 GEMM_ROWS: tuple[str, ...] = OUTPUT_NAMES
 #: The decode products of the folded form (factors of one product; "1" is the constant), and
 #: which head coefficient multiplies each: "a", "c" or "const" (recalibration offset only).
+#: With the physics prior (``toolkit.models.decode``) ``a = f_a (a0 + b (a1 + a2 k))`` and
+#: ``c = f_c (c0 + c1 b)``, ``f`` the network's factors: ``a m = f_a (a0 m + m B K)`` and
+#: ``c m q = f_c m q C`` with the linear factors ``B = b``, ``K = a1 + a2 k`` and
+#: ``C = c0 + c1 b`` (each scaled by a power of two, ``prior_factor_scales``), a0 in the
+#: output Gemm's weights.
 DECODE_TERMS: Final[tuple[tuple[tuple[str, str, str], str], ...]] = (
     (("m", "1", "1"), "a"),
-    (("m", "q", "1"), "c"),
+    (("m", "q", "C"), "c"),
+    (("m", "B", "K"), "a"),
     (("ind", "1", "1"), "a"),
-    (("ind", "q", "1"), "c"),
+    (("ind", "q", "C"), "c"),
+    (("ind", "B", "K"), "a"),
 )
 OFFSET_TERMS: Final[tuple[tuple[tuple[str, str, str], str], ...]] = (
     (("m", "1", "1"), "const"),
@@ -126,9 +146,31 @@ _N = len(FEATURE_NAMES)
 _V, _T = FEATURE_NAMES.index("vision_tokens"), FEATURE_NAMES.index("text_tokens")
 
 
-def decode_factor_column(name: str) -> tuple[np.ndarray, float]:
+def prior_factor_scales(prior: Sequence[float]) -> dict[str, float]:
+    """Per prior factor ("B", "K", "C"; ``DECODE_TERMS``), the power of two its column is
+    scaled by so that it stays <= 1 for every input up to ``FEATURE_LIMITS``."""
+    _a0, a1, a2, c0, c1 = (float(v) for v in prior)
+    k_limit, b_limit = FEATURE_LIMITS[TOP_K_COLUMN], FEATURE_LIMITS[BLOCKS_COLUMN]
+    uppers = {"B": b_limit, "K": a1 + a2 * k_limit, "C": c0 + c1 * b_limit}
+    return {name: 2.0 ** -math.ceil(math.log2(max(upper, 1.0))) for name, upper in uppers.items()}
+
+
+def decode_factor_column(
+    name: str, prior: Sequence[float] = IDENTITY_PRIOR
+) -> tuple[np.ndarray, float]:
     """(weight over X [F + 1], bias) of a decode factor (module doc)."""
     weight = np.zeros(len(FEATURE_NAMES) + 1)
+    if name in ("B", "K", "C"):
+        _a0, a1, a2, c0, c1 = (float(v) for v in prior)
+        scale = prior_factor_scales(prior)[name]
+        if name == "B":
+            weight[BLOCKS_COLUMN] = scale
+            return weight, 0.0
+        if name == "K":
+            weight[TOP_K_COLUMN] = a2 * scale
+            return weight, a1 * scale
+        weight[BLOCKS_COLUMN] = c1 * scale
+        return weight, c0 * scale
     if name == "m":
         weight[_N] = M_SCALE
         return weight, -M_SCALE
@@ -201,6 +243,7 @@ class FoldedDecode(torch.nn.Module):
     if TYPE_CHECKING:  # buffers, declared for mypy only (TorchScript rejects the annotations)
         coef_scale: Tensor
         coef_offset: Tensor
+        prior: Tensor
 
     def __init__(
         self,
@@ -210,6 +253,7 @@ class FoldedDecode(torch.nn.Module):
         coef_scale: Tensor,
         offset_ms: float = 0.0,
         start: int = 0,
+        prior: Tensor | None = None,
     ) -> None:
         super().__init__()
         if head.out_features != start + len(terms) or coef_scale.shape != (N_BASIS,):
@@ -224,6 +268,9 @@ class FoldedDecode(torch.nn.Module):
         offset = torch.zeros(N_BASIS)
         offset[0] = float(offset_ms)
         self.register_buffer("coef_offset", offset)
+        if prior is None:
+            prior = torch.tensor(IDENTITY_PRIOR)
+        self.register_buffer("prior", prior.to(torch.float32).clone())
 
     @torch.jit.unused
     def reading(
@@ -244,6 +291,7 @@ class FoldedDecode(torch.nn.Module):
             self.coef_scale.clone(),
             float(self.coef_offset[0]),
             start,
+            self.prior,
         )
         return copy.eval()
 
@@ -256,7 +304,8 @@ class FoldedDecode(torch.nn.Module):
     def coefficients(self, first: Tensor, inputs: Tensor) -> Tensor:
         """Calibrated per-pass coefficients [B, N_BASIS] (ms, ms per KV_UNIT tokens)."""
         rows = self.softplus(first)[:, self.start : self.start + 2]
-        return rows * self.coef_scale + self.coef_offset
+        prior = prior_coefficients(inputs[:, :5], self.prior)
+        return rows * prior * self.coef_scale + self.coef_offset
 
     def totals(self, coef: Tensor, output_tokens: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
         return decode_outputs(coef, output_tokens, prompt)
@@ -275,14 +324,19 @@ class FoldedDecode(torch.nn.Module):
         """(decode total, mean pass) as weights of :meth:`columns` (module doc)."""
         scale = self.coef_scale.double().numpy()
         offset = float(self.coef_offset[0])
+        prior = self.prior.double().numpy()
+        # What one unit of each factor's column is worth (module doc; 1 for "1" and "ind").
+        units = {"m": M_SCALE, "q": KV_UNIT * Q_SCALE, "1": 1.0, "ind": 1.0}
+        units.update(prior_factor_scales(prior.tolist()))
         total, per_pass = np.zeros(self.head.out_features), np.zeros(self.head.out_features)
         for j, (factors, source) in enumerate(self.terms, start=self.start):
             passes = factors[0] == "m"  # m: the total over the passes; ind: one pass
-            unit = M_SCALE if passes else 1.0
+            unit = math.prod(units[name] for name in factors)
             if source == "a":
-                weight = scale[0] / unit
+                # a0 multiplies the plain term; the prior's other part is in B and K.
+                weight = scale[0] * (prior[0] if factors[1:] == ("1", "1") else 1.0) / unit
             elif source == "c":
-                weight = scale[1] / (KV_UNIT * Q_SCALE * unit)
+                weight = scale[1] / unit
             else:
                 weight = offset / (CONST_LOGIT * unit)
             (total if passes else per_pass)[j] = weight
@@ -315,6 +369,7 @@ def fold_decode_net(
         std = _buffer(decode_net, "feature_std").to(torch.float64)
         mask = _buffer(decode_net, "feature_mask").to(torch.float64)
         coef_scale = _buffer(decode_net, "coef_scale").to(torch.float64)
+        prior = _buffer(decode_net, "prior").to(torch.float64)
     except (AttributeError, TypeError):
         return None
     linears = body[0::2]
@@ -328,6 +383,8 @@ def fold_decode_net(
         or head.out_features != N_BASIS
         or coef_scale.shape != (N_BASIS,)
         or not bool((coef_scale > 0).all())
+        or prior.shape != (len(IDENTITY_PRIOR),)
+        or not bool((prior >= 0).all())
         or not scale > 0
     ):
         return None
@@ -355,6 +412,7 @@ def fold_decode_net(
         terms,
         (coef_scale * scale).to(torch.float32),
         offset_ms,
+        prior=prior,
     )
     return FoldedPair(folded_first, decode.eval())
 
@@ -494,6 +552,7 @@ def first_layer(
     form: np.ndarray,
     hidden: torch.nn.Linear | None = None,
     decode_products: tuple[tuple[str, str, str], ...] = (),
+    prior: Sequence[float] = IDENTITY_PRIOR,
 ) -> FirstLayer:
     """Lay out the threshold tests, baseline factors, decode factors and (folded form)
     hidden units over ``X = [features, output_tokens]``."""
@@ -513,7 +572,7 @@ def first_layer(
             weight[:n_features, i * n_products + j] = b_weight[:, i, j]
             bias[i * n_products + j] = b_bias[i, j]
         for j, factors in enumerate(decode_products, start=_PRODUCTS):
-            column_weight, column_bias = decode_factor_column(factors[i])
+            column_weight, column_bias = decode_factor_column(factors[i], prior)
             weight[:, i * n_products + j] = column_weight
             bias[i * n_products + j] = column_bias
     threshold_slots = np.arange(block, block + n_thresholds)
@@ -657,7 +716,12 @@ class FusedPredictor(torch.nn.Module):
         folded = isinstance(decode, FoldedPair)
         hidden = decode.first if isinstance(decode, FoldedPair) else None
         terms = decode.decode.product_terms() if isinstance(decode, FoldedPair) else ()
-        layer = first_layer(table, spec.form, hidden, terms)
+        prior = (
+            decode.decode.prior.double().tolist()
+            if isinstance(decode, FoldedPair)
+            else list(IDENTITY_PRIOR)
+        )
+        layer = first_layer(table, spec.form, hidden, terms, prior)
         module: GenericDecode | FoldedDecode = (
             decode.decode.reading(
                 layer.hidden_slots, layer.weight.shape[1], HIDDEN_SCALE, _PRODUCTS

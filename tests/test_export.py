@@ -42,6 +42,7 @@ from exporters.fused import (
     baseline_columns,
     first_layer,
     fold_decode_net,
+    prior_factor_scales,
     threshold_columns,
 )
 from exporters.tree_table import (
@@ -226,7 +227,8 @@ def test_first_layer_layout_puts_each_products_factors_on_one_axis(trained) -> N
     pair = fold_decode_net(model.decode_net)
     assert pair is not None
     terms = pair.decode.product_terms()
-    layer = first_layer(table, model.prefill.baseline.product_form(), pair.first, terms)
+    prior = pair.decode.prior.double().tolist()
+    layer = first_layer(table, model.prefill.baseline.product_form(), pair.first, terms, prior)
     width = layer.weight.shape[1]
     n_thresholds = sum(len(t) for t in table.thresholds)
     # The product block leads (3 factors x n products), then thresholds and hidden units.
@@ -248,12 +250,25 @@ def test_first_layer_layout_puts_each_products_factors_on_one_axis(trained) -> N
     products = first.double()[:, : 3 * n_products].reshape(-1, 3, n_products).prod(1)
     torch.testing.assert_close(products.float(), products_f32)
     baseline = (products[:, :3] * torch.from_numpy(layer.compensation)).sum(1)
-    # The decode products after the baseline's: m, m q, ind, ind q (fused.DECODE_TERMS).
-    m = torch.clamp(n.double() - 1, min=0)
-    q = x[:, 0].double() + x[:, 1].double() + n.double() / 2
+    # The decode products after the baseline's (fused.DECODE_TERMS): m, m q C, m B K, and the
+    # same with ind for m; B = blocks, K = a1 + a2 top_k, C = c0 + c1 blocks (the prior).
+    m = torch.clamp(n.double() - 1, min=0) * M_SCALE
+    q = (x[:, 0].double() + x[:, 1].double() + n.double() / 2) * Q_SCALE
     ind = (n > 1).double()
-    want_decode = torch.stack([m * M_SCALE, m * q * M_SCALE * Q_SCALE, ind, ind * q * Q_SCALE], 1)
-    torch.testing.assert_close(products[:, 3:7], want_decode, rtol=1e-6, atol=0.0)
+    _a0, a1, a2, c0, c1 = prior
+    assert min(prior) >= 0 and a1 + a2 > 0 and c0 + c1 > 0  # a fitted prior, not the identity
+    scales = prior_factor_scales(prior)
+    top_k, blocks = x[:, 3].double(), x[:, 4].double()
+    big_b = blocks * scales["B"]
+    big_k = (a1 + a2 * top_k) * scales["K"]
+    big_c = (c0 + c1 * blocks) * scales["C"]
+    want_decode = torch.stack(
+        [m, m * q * big_c, m * big_b * big_k, ind, ind * q * big_c, ind * big_b * big_k], 1
+    )
+    assert len(DECODE_TERMS) == want_decode.shape[1]
+    torch.testing.assert_close(
+        products[:, 3 : 3 + len(DECODE_TERMS)], want_decode, rtol=1e-6, atol=0.0
+    )
     want = model.prefill.baseline.predict(x.numpy())
     np.testing.assert_allclose(baseline.numpy(), want, rtol=1e-5)
     np.testing.assert_allclose(

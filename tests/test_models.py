@@ -3,6 +3,7 @@ of bad artifacts, monotonicity, determinism and splits. Small seeded data, a few
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from synthetic import dense_monotone_grid, make_samples, write_results_dir
 
 from toolkit.data import load_results
 from toolkit.errors import LatkitError
-from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, PREFILL_MONOTONE
+from toolkit.features import FEATURE_NAMES, OUTPUT_NAMES, PREFILL_MONOTONE, feature_matrix
 from toolkit.models import (
     N_BASIS,
     DecodeNet,
@@ -26,7 +27,9 @@ from toolkit.models import (
 from toolkit.models.decode import (
     CONFIG_INPUTS,
     DEFAULT_INPUTS,
+    IDENTITY_PRIOR,
     KV_UNIT,
+    PRIOR_TERMS,
     decode_pass_ms,
     prompt_tokens,
 )
@@ -133,6 +136,46 @@ def test_pass_time_is_linear_in_the_kv_length() -> None:
     shifted[:, 1] += 100.0  # 100 more prompt tokens = the passes 100 positions later
     later = decode_pass_ms(net(shifted), k[:-100].expand(2, -1), prompt_tokens(shifted))
     torch.testing.assert_close(later, passes[:, 100:], rtol=1e-5, atol=1e-5)
+
+
+def _prior_samples(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, mean pass time, passes) of a decoder whose pass costs 0.5 + b (0.3 + 0.05 k)
+    plus (0.02 + 0.01 b) per KV_UNIT tokens, with one-sided (slow-only) noise on a quarter."""
+    rng = np.random.default_rng(seed)
+    top_k = rng.choice([4.0, 6.0, 8.0], n)
+    blocks = rng.choice([8.0, 12.0, 16.0], n)
+    vision = rng.choice([288.0, 864.0, 2304.0], n)
+    text = rng.integers(20, 400, n).astype(float)
+    passes = rng.integers(1, 60, n).astype(float)
+    kv = (vision + text + 0.5 * (passes + 1.0)) / KV_UNIT
+    mean_pass = 0.5 + blocks * (0.3 + 0.05 * top_k) + (0.02 + 0.01 * blocks) * kv
+    slow = rng.random(n) < 0.25
+    mean_pass = mean_pass * np.where(slow, 1.0 + rng.uniform(0.1, 0.6, n), 1.0)
+    features = np.stack([vision, text, np.zeros(n), top_k, blocks], axis=1)
+    return features, mean_pass, passes
+
+
+def test_physics_prior_recovers_the_pass_cost_and_ignores_slow_outliers() -> None:
+    """set_prior fits a0 + b (a1 + a2 k) and c0 + c1 b to the median pass, non-negative, and
+    the untrained network then predicts the prior itself (its factors start at 1)."""
+    features, mean_pass, passes = _prior_samples(400, 0)
+    net = DecodeNet()
+    net.set_normalisation(features, pass_scale_ms=1.0)
+    assert net.prior.tolist() == list(IDENTITY_PRIOR)
+    assert net.set_prior(features, mean_pass, passes)
+    fitted = net.prior_ms()
+    assert list(fitted) == list(PRIOR_TERMS) and min(fitted.values()) >= 0
+    # The constant-per-pass terms carry the cost; a quarter of slow samples do not move them.
+    for name, want in {"a0": 0.5, "a1": 0.3, "a2": 0.05}.items():
+        assert fitted[name] == pytest.approx(want, rel=0.05, abs=0.02), (name, fitted)
+    # Pass time at top_k 12, blocks 24: beyond every sample (top_k <= 8, blocks <= 16).
+    beyond = torch.tensor([[864.0, 100.0, 0.0, 12.0, 24.0]])
+    coef = net(beyond)[0].detach().double()
+    assert float(coef[0]) == pytest.approx(0.5 + 24 * (0.3 + 0.05 * 12), rel=0.03)
+    # Too few samples to pin five weights: the identity prior stays.
+    small = DecodeNet()
+    assert not small.set_prior(features[:10], mean_pass[:10], passes[:10])
+    assert small.prior.tolist() == list(IDENTITY_PRIOR)
 
 
 def test_decode_net_sees_only_its_inputs() -> None:
@@ -379,6 +422,37 @@ def test_truncated_file_is_refused(saved: Path, tmp_path: Path, name: str) -> No
     (copy / name).write_bytes(data[: len(data) // 2])
     with pytest.raises(LatkitError, match=name.replace(".", r"\.")):
         HybridLatencyModel.load(copy)
+
+
+def test_artifact_without_the_decode_prior_loads_as_the_network_alone(
+    fitted: HybridLatencyModel, tmp_path: Path
+) -> None:
+    """An artifact saved before the physics prior: its decode file has no ``prior``; it loads
+    with the identity prior and predicts what that network predicted."""
+    from safetensors.torch import load_file, save_file
+
+    from toolkit.models.artifact import DECODE_FILE, MANIFEST, _manifest_digest, sha256_file
+
+    model = copy.deepcopy(fitted)
+    with torch.no_grad():
+        model.decode_net.prior.copy_(torch.tensor(IDENTITY_PRIOR))
+    model.save(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / DECODE_FILE))
+    del state["prior"]
+    save_file(state, str(tmp_path / "m" / DECODE_FILE))
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    manifest["files"][DECODE_FILE] = {
+        "sha256": sha256_file(tmp_path / "m" / DECODE_FILE),
+        "bytes": (tmp_path / "m" / DECODE_FILE).stat().st_size,
+    }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest))
+    loaded = HybridLatencyModel.load(tmp_path / "m")
+    assert loaded.decode_net.prior.tolist() == list(IDENTITY_PRIOR)
+    features = feature_matrix(fitted.training_data.head(20))
+    tokens = np.arange(20, dtype=np.float32) * 9
+    want = model.predict(features, tokens)["decode_total_ms"]
+    np.testing.assert_array_equal(loaded.predict(features, tokens)["decode_total_ms"], want)
 
 
 def test_foreign_or_missing_artifact_is_refused(saved: Path, tmp_path: Path) -> None:

@@ -82,3 +82,18 @@ def test_noise_is_multiplicative_at_the_given_sigma(tmp_path: Path) -> None:
     assert ratio.std() == pytest.approx(0.01, rel=0.3)
     for stage in ("T_vision_total", "T_LLM_prefill"):
         assert (exact[stage].to_numpy() > 0).all()
+
+
+def test_output_tokens_draws_long_answers_in_range(tmp_path: Path) -> None:
+    """``output_tokens=(LO, HI)``: every answer in [LO, HI], every pass timed, recorded."""
+    run_log = write_precise_sweep(
+        tmp_path, samples_per_config=2, datasets=["coco_caption"], output_tokens=(128, 448)
+    )
+    assert run_log["settings"]["output_tokens"] == [128, 448]
+    loaded = load_results(tmp_path, cache=False)
+    lengths = loaded.samples["output_tokens"].to_numpy()
+    assert loaded.samples.height == 150
+    assert lengths.min() >= 128 and lengths.max() <= 448 and len(set(lengths.tolist())) > 50
+    assert loaded.steps is not None
+    passes = loaded.steps.group_by("sample_key").len()
+    assert passes.height == 150 and passes["len"].min() >= 127

@@ -25,7 +25,9 @@ FORMAT: Final[str] = "latkit-hybrid"
 # by conformal prediction (factors in the manifest); no quantile booster. Version 2 artifacts
 # are refused with a message to retrain.
 # 4: decode per-pass time = a + c x KV length (prompt + k), the network sees the
-# configuration only; version 3 artifacts (quadratic positional basis) are refused.
+# configuration only; version 3 artifacts (quadratic positional basis) are refused. Later
+# version 4 artifacts add the decode's physics prior (a ``prior`` tensor in the decode file);
+# one without it loads with the identity prior, which is the network alone it was saved as.
 FORMAT_VERSION: Final[int] = 4
 MANIFEST: Final[str] = "manifest.json"
 PREFILL_FILE: Final[str] = "prefill.ubj"

@@ -11,6 +11,22 @@ with ``a`` and ``c`` from a small network of the configuration (``DecodeNet``). 
 decoder makes one pass quadratic in k (latkit 0.3's basis had a k^2 term: fitted on answers
 of at most ~70 tokens it was mostly noise, and it dominated past a few hundred tokens).
 
+The physics prior: what a pass reads grows with the knobs in a known way. Every active block
+reads its attention weights and the weights of ``top_k`` experts, and attends over the KV
+cache; so
+
+    a = f_a(x) (a0 + b (a1 + a2 k)),    c = f_c(x) (c0 + c1 b)        (b blocks, k top_k)
+
+with ``a0 .. c1 >= 0`` fitted once to the samples' mean pass times (least absolute deviations,
+``DecodeNet.set_prior``) and ``f_a, f_c > 0`` the network's factors, which start at 1 and
+learn what the prior misses. A network alone extends its last linear pieces past the
+profiled knobs and over-shoots there; with the prior it only has to carry a factor near 1.
+Measured on the small sweep (``benchmarks/accuracy.py``, seeds 0-2), decode total MAPE on the
+random / config / sparse / extrapolation splits went from 7.70 / 7.19 / 7.69 / 7.98 % to
+7.27 / 7.07 / 7.31 / 6.87 % and the extrapolation split's bias from 0.64 to 0.59; on the
+simulated precise sweep from 1.04 / 1.13 / 1.30 / 1.34 % to 1.00 / 1.02 / 1.00 / 0.99 %
+(its noise floor: 1.11 %).
+
 Where the slope comes from: ``c`` multiplies ``P + k``, and the profiled prompts span ~300
 to ~2500 tokens while answers span a few tens. With ``CONFIG_INPUTS`` (the network sees only
 the configuration) the prompt can change a pass's time only through that slope, so the
@@ -18,14 +34,12 @@ prompts' spread pins ``c`` down. The default, ``DEFAULT_INPUTS``, also shows the
 text prompt's length (the vision tokens follow the tier), so that ``a`` and ``c`` may vary
 with it in ways a straight line does not capture; per-pass time still grows exactly
 linearly in k for every request, which is what carries a prediction past the profiled
-answer lengths. Measured, decode total MAPE on the four knob splits (mean of 3 seeds;
-``python benchmarks/accuracy.py --decode-inputs ...``), configuration alone / + text tokens /
-all five features: small sweep
-7.45-7.69 / 7.19-7.98 / 7.20-7.73 %, tiny 22.59-24.36 / 21.91-22.87 / 21.54-22.76 %, the
-simulated precise sweep 1.03-1.37 / 1.04-1.34 / 1.03-1.60 %; growth on answers of 128-448
-tokens within 1.5-1.7 % for all three. The tiny sweep, measured dataset by dataset, has
-per-dataset drift that the token counts stand in for; the precise sweep penalises the
-vision tokens when top_k and blocks are extrapolated (1.60 %).
+answer lengths. Measured with the prior, decode total MAPE on the four knob splits (mean of
+3 seeds; ``python benchmarks/accuracy.py --decode-inputs tier_idx,top_k,num_active_blocks``
+against the default run), configuration alone / + text tokens: small sweep 6.97-7.38 /
+6.87-7.31 %, tiny 23.09-23.79 / 21.95-22.63 %. The tiny sweep, measured dataset by dataset,
+has per-dataset drift that the token counts stand in for. (Before the prior, all five
+features erred 1.2x more on the precise sweep where top_k and blocks are extrapolated.)
 
 The sum over passes 1..m has a closed form (the basis' prefix sum),
 
@@ -57,6 +71,14 @@ KV_UNIT: Final[float] = 1024.0
 BASIS_TERMS: Final[tuple[str, ...]] = ("1", "(P+k)/1024")
 #: Feature columns (``FEATURE_NAMES`` indices) of a prompt's length: vision + text tokens.
 PROMPT_COLUMNS: Final[tuple[int, int]] = (0, 1)
+#: Feature columns of top_k and num_active_blocks (the physics prior's knobs).
+TOP_K_COLUMN: Final[int] = 3
+BLOCKS_COLUMN: Final[int] = 4
+#: The physics prior's weights as written in manifests (module doc): the constant per pass
+#: ``a = a0 + blocks (a1 + a2 top_k)`` and the slope ``c = c0 + c1 blocks``.
+PRIOR_TERMS: Final[tuple[str, ...]] = ("a0", "a1", "a2", "c0", "c1")
+#: The identity prior (a = c = 1 x coef_scale): the network alone.
+IDENTITY_PRIOR: Final[tuple[float, ...]] = (1.0, 0.0, 0.0, 1.0, 0.0)
 #: The configuration alone: the token counts then enter through the KV length alone.
 CONFIG_INPUTS: Final[tuple[str, ...]] = ("tier_idx", "top_k", "num_active_blocks")
 #: The features the network sees by default: the configuration and the text prompt's length
@@ -65,6 +87,19 @@ DEFAULT_INPUTS: Final[tuple[str, ...]] = ("text_tokens", *CONFIG_INPUTS)
 
 # TorchScript cannot read module globals, so the functions below spell KV_UNIT as a literal.
 assert KV_UNIT == 1024.0 and N_BASIS == 2 and PROMPT_COLUMNS == (0, 1)
+assert (
+    FEATURE_NAMES[TOP_K_COLUMN] == "top_k" and FEATURE_NAMES[BLOCKS_COLUMN] == "num_active_blocks"
+)
+
+
+def prior_coefficients(features: Tensor, prior: Tensor) -> Tensor:
+    """The physics prior's per-pass coefficients [..., N_BASIS] of raw features [..., 5]:
+    ``[a0 + b (a1 + a2 k), c0 + c1 b]`` (b blocks, k top_k; ``prior`` [5], PRIOR_TERMS)."""
+    k = features[..., 3]
+    b = features[..., 4]
+    a = prior[0] + b * (prior[1] + prior[2] * k)
+    c = prior[3] + prior[4] * b
+    return torch.stack([a, c], dim=-1)
 
 
 def prompt_tokens(features: Tensor) -> Tensor:
@@ -112,6 +147,10 @@ def decode_pass_ms(coef: Tensor, k: Tensor, prompt: Tensor) -> Tensor:
 #: Initial coefficients as a fraction of the typical pass time: a constant pass with a little
 #: growth over the KV cache (5 % per KV_UNIT tokens), so both terms get gradient.
 _INIT_FRACTION: Final[tuple[float, ...]] = (1.0, 0.05)
+#: Samples the physics prior is fitted on at most (see DecodeNet.set_prior): plenty for five
+#: weights; the linear program takes ~0.1 s at 2,000 samples and grows faster than linearly
+#: (6 s at 20,000).
+_PRIOR_MAX_SAMPLES: Final[int] = 4_000
 
 
 def _inverse_softplus(y: float) -> float:
@@ -135,6 +174,7 @@ class DecodeNet(nn.Module):
     feature_std: Tensor
     feature_mask: Tensor
     coef_scale: Tensor
+    prior: Tensor
 
     def __init__(
         self,
@@ -163,6 +203,7 @@ class DecodeNet(nn.Module):
         self.register_buffer("feature_std", torch.ones(n_features))
         self.register_buffer("feature_mask", mask)
         self.register_buffer("coef_scale", torch.ones(N_BASIS))
+        self.register_buffer("prior", torch.tensor(IDENTITY_PRIOR, dtype=torch.float32))
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             self.head.bias.copy_(
@@ -187,8 +228,60 @@ class DecodeNet(nn.Module):
         x = (features - self.feature_mean) / self.feature_std * self.feature_mask
         return self.body(x)
 
+    def factors(self, features: Tensor) -> Tensor:
+        """The network's non-negative factors [B, N_BASIS] of the prior's coefficients."""
+        return nn.functional.softplus(self.head(self.hidden_features(features)))
+
     def forward(self, features: Tensor) -> Tensor:
-        return nn.functional.softplus(self.head(self.hidden_features(features))) * self.coef_scale
+        prior = prior_coefficients(features, self.prior)
+        return self.factors(features) * prior * self.coef_scale
+
+    @torch.jit.unused
+    def set_prior(
+        self, features: np.ndarray, mean_pass: np.ndarray, passes: np.ndarray, seed: int = 0
+    ) -> bool:
+        """Fit the physics prior (module doc) to each sample's mean pass time (in units of
+        ``coef_scale``) and start the network's factors at 1.
+
+        Least absolute deviations with non-negative weights, each sample weighted by its
+        passes: the median pass, as the decode loss aims at (CPU noise is one-sided), and the
+        terms a decoder has (weights read per block and per expert, attention over the KV
+        cache per block) with signs it cannot flip. Five weights need no more than
+        ``_PRIOR_MAX_SAMPLES`` samples (a seeded draw above that). Returns whether the prior
+        was set (False: too few samples or a term the data does not support; the identity
+        prior stays).
+        """
+        from scipy import sparse
+        from scipy.optimize import linprog
+
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(mean_pass, dtype=np.float64)
+        w = np.asarray(passes, dtype=np.float64)
+        ok = np.isfinite(y) & (y > 0) & (w > 0)
+        x, y, w = x[ok], y[ok], w[ok]
+        if y.size > _PRIOR_MAX_SAMPLES:
+            keep = np.random.default_rng(seed).choice(y.size, _PRIOR_MAX_SAMPLES, replace=False)
+            x, y, w = x[keep], y[keep], w[keep]
+        if y.size < 4 * len(PRIOR_TERMS):
+            return False
+        b, k = x[:, BLOCKS_COLUMN], x[:, TOP_K_COLUMN]
+        kv = (x[:, PROMPT_COLUMNS[0]] + x[:, PROMPT_COLUMNS[1]] + 0.5 * (w + 1.0)) / KV_UNIT
+        design = np.stack([np.ones_like(b), b, b * k, kv, kv * b], axis=1)
+        n, p = design.shape
+        # min sum w (u + v)  s.t.  design theta + u - v = y;  theta, u, v >= 0
+        cost = np.concatenate([np.zeros(p), w, w]) / w.sum()
+        identity = sparse.identity(n, format="csr")
+        equality = sparse.hstack([sparse.csr_matrix(design), identity, -identity], format="csr")
+        fit = linprog(cost, A_eq=equality, b_eq=y, bounds=(0, None), method="highs")
+        if not fit.success:
+            return False
+        theta = fit.x[:p]
+        if theta[0] + theta[1] + theta[2] <= 0 or theta[3] + theta[4] <= 0:
+            return False  # no constant or no slope at all: the identity prior stays
+        with torch.no_grad():
+            self.prior.copy_(torch.tensor(theta, dtype=torch.float32))
+            self.head.bias.fill_(_inverse_softplus(1.0))
+        return True
 
     @torch.jit.unused
     def warm_start(
@@ -213,6 +306,17 @@ class DecodeNet(nn.Module):
             weight = torch.linalg.solve(gram, hc.T @ (z - z_mean))
             self.head.weight[0].copy_(weight.to(self.head.weight.dtype))
             self.head.bias[0] = float(z_mean - h_mean @ weight)
+
+    @torch.jit.unused
+    def prior_ms(self) -> dict[str, float]:
+        """The physics prior in ms (``PRIOR_TERMS``): a0 ms, a1 ms per block, a2 ms per block
+        and expert; c0, c1 (per block) ms per KV_UNIT tokens of KV cache."""
+        scale = self.coef_scale.double().tolist()
+        per_basis = (scale[0], scale[0], scale[0], scale[1], scale[1])
+        return {
+            name: float(value) * unit
+            for name, value, unit in zip(PRIOR_TERMS, self.prior.tolist(), per_basis, strict=True)
+        }
 
     def hyper_params(self) -> dict[str, object]:
         return {

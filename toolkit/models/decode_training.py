@@ -269,7 +269,11 @@ def fit_decode_net(
         if train.n == 0:
             log.warning("No sample has a decode pass: the decode net stays at its prior.")
             return net.eval(), history
-        net.warm_start(train.features, train.mean_pass(), train.mean_kv_units())
+        passes = train.packed[:, _NP]
+        if not net.set_prior(
+            train.features.numpy(), train.mean_pass().numpy(), passes.numpy(), settings.seed
+        ):
+            net.warm_start(train.features, train.mean_pass(), train.mean_kv_units())
         net.to(device)
         data = train.packed.to(device)
         val_data = val.packed.to(device) if val is not None and val.n else None

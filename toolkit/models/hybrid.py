@@ -50,6 +50,7 @@ from toolkit.models.calibration import Calibration
 from toolkit.models.decode import (
     BASIS_TERMS,
     DEFAULT_INPUTS,
+    IDENTITY_PRIOR,
     KV_UNIT,
     N_BASIS,
     DecodeNet,
@@ -548,6 +549,8 @@ class HybridLatencyModel:
             "n_basis": N_BASIS,
             "decode_basis": {"terms": list(BASIS_TERMS), "kv_unit": KV_UNIT},
             "decode_net": self.decode_net.hyper_params(),
+            # Informative: the weights themselves travel in the decode file's prior buffer.
+            "decode_prior_ms": self.decode_net.prior_ms(),
             "decode_scale_ms": self._decode_scale_ms,
             "model_params": self.get_params(),
             "training_summary": summary,
@@ -621,6 +624,9 @@ class HybridLatencyModel:
         model.prefill.target_transform = str(manifest.get("target_transform", "log"))
         try:
             state = load_file(str(directory / DECODE_FILE))
+            # Artifacts written before the physics prior carry the network alone, which is
+            # what the identity prior computes.
+            state.setdefault("prior", torch.tensor(IDENTITY_PRIOR, dtype=torch.float32))
             net.load_state_dict(state, strict=True)
         except (SafetensorError, RuntimeError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
