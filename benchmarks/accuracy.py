@@ -56,7 +56,13 @@ from _common import split_parts
 from precise_sweep import write_precise_sweep
 
 from reports.evaluation import evaluate_checkpoint, noise_floor, run_evaluation
-from reports.knob_splits import SPLITS, SplitScore, format_split_table, score_split
+from reports.knob_splits import (
+    MOSTLY_DECODE,
+    SPLITS,
+    SplitScore,
+    format_split_table,
+    score_split,
+)
 from reports.long_answers import IN_RANGE_MIN_TOKENS, in_range_reference
 from toolkit.data import load_results
 from toolkit.demo import BUNDLED, LONG_ANSWERS, bundled_data_dir
@@ -304,6 +310,15 @@ def report_precise_targets(
             f"    {split:<8} total_p95_ms covers {100 * cover:.1f} % (target 92-98 %: "
             f"{'MET' if 0.92 <= cover <= 0.98 else 'MISSED'}), median width "
             f"{width:.3f} (target <= 1.05: {'MET' if width <= 1.05 else 'MISSED'})"
+        )
+        per_seed = " / ".join(f"{100 * h.coverage['total_p95_ms']:.1f}" for h in held)
+        prefill_cover = _mean([h.coverage["prefill_p95_ms"] for h in held])
+        print(
+            f"    {'':<8} per seed {per_seed} %; answers mostly prefill "
+            f"{100 * _mean([h.total_p95_covers_mostly_prefill for h in held]):.1f} %, mostly "
+            f"decode (>= {MOSTLY_DECODE:.0%} of the total) "
+            f"{100 * _mean([h.total_p95_covers_mostly_decode for h in held]):.1f} %; "
+            f"prefill_p95_ms covers {100 * prefill_cover:.1f} %"
         )
 
 

@@ -38,6 +38,8 @@ SPLIT_LABELS: Final[dict[str, str]] = {
     "sparse": "3x3 grid profiled, 16 per tier never",
     "extrap": "top_k 12 / 16 blocks never profiled",
 }
+#: An answer whose decode is at least this share of its total is "mostly decode".
+MOSTLY_DECODE: Final[float] = 0.3
 BOUND_NAMES: Final[tuple[str, ...]] = (
     "prefill_p90_ms",
     "prefill_p95_ms",
@@ -57,6 +59,10 @@ class HeldOutScore:
     decode_total_bias: float
     coverage: dict[str, float] = field(default_factory=dict)
     total_p95_width: float = math.nan  # median total_p95_ms / actual total
+    # total_p95_ms's coverage of the answers that are mostly prefill / mostly decode (decode
+    # under / at least MOSTLY_DECODE of the actual total): which stage's bound carries it.
+    total_p95_covers_mostly_prefill: float = math.nan
+    total_p95_covers_mostly_decode: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,6 +94,8 @@ def score_held_out(model: Any, samples: pl.DataFrame) -> HeldOutScore:
     pred = model.predict_frame(samples)
     scores = score_frame(samples, pred)
     total = (samples["T_prefill_total"] + samples["T_LLM_decode"]).to_numpy().astype(np.float64)
+    covered = total <= pred["total_p95_ms"]
+    mostly_decode = samples["T_LLM_decode"].to_numpy() >= MOSTLY_DECODE * total
     return HeldOutScore(
         n=samples.height,
         prefill_mape_pct=scores["prefill"]["mape_pct"],
@@ -96,7 +104,13 @@ def score_held_out(model: Any, samples: pl.DataFrame) -> HeldOutScore:
         decode_total_bias=scores["bias"]["decode_total"],
         coverage={name: scores["coverage"][name] for name in BOUND_NAMES},
         total_p95_width=float(np.median(pred["total_p95_ms"] / total)),
+        total_p95_covers_mostly_prefill=_share(covered[~mostly_decode]),
+        total_p95_covers_mostly_decode=_share(covered[mostly_decode]),
     )
+
+
+def _share(flags: np.ndarray) -> float:
+    return float(flags.mean()) if flags.size else math.nan
 
 
 def score_split(
