@@ -316,6 +316,8 @@ def test_folding_any_depth_matches_generic(trained, n_layers: int) -> None:
     torch.manual_seed(n_layers)
     net = DecodeNet(hidden=16, n_layers=n_layers)
     net.set_normalisation(_features(50, 1), pass_scale_ms=7.0)
+    with torch.no_grad():  # a physics prior with every term (a0, a1, a2, c0, c1) at work
+        net.prior.copy_(torch.tensor([0.3, 0.05, 0.004, 0.02, 0.003]))
     table, spec = table_from_model(model), output_spec(model)
     pair = fold_decode_net(net)
     assert pair is not None
