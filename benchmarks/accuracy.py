@@ -37,6 +37,7 @@ it):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -478,7 +479,7 @@ def _long_answer_bounds(model: Any, samples: pl.DataFrame) -> dict[str, float]:
         "prefill_ratio_p95": float(prefill_p95),
         "p95_width": float(np.median(predicted["total_p95_ms"] / total)),
         "p95_prefill_factor": prefill_factor,
-        "prefill_p95_factor": model.bounds.prefill["p95"],
+        "prefill_bound_p95_factor": model.bounds.prefill["p95"],
         "p95_decode_factor": decode_factor,
         "decode_ratio_p5": float(p5),
         "decode_ratio_p50": float(p50),
@@ -532,7 +533,7 @@ def report_long_answers(
         f"  the machine during the long sweep: actual / predicted prefill (which the answer's "
         f"length does not touch) 50th / 95th percentile {mean['prefill_ratio_p50']:.2f} / "
         f"{mean['prefill_ratio_p95']:.2f}; the prefill bound's P95 factor "
-        f"{mean['prefill_p95_factor']:.2f} is what the training sweep's scatter needed"
+        f"{mean['prefill_bound_p95_factor']:.2f} is what the training sweep's scatter needed"
     )
     ratio = mean["long_mape"] / mean["in_range_mape"]
     checks = [
@@ -617,12 +618,16 @@ def main() -> None:
             print(f"\nwrote the SIMULATED precise sweep: {log['samples']} samples ({log['note']})")
         report_sweep(precise_dir, None, seeds, splits, True, evaluate, model_params)
         if not args.no_long:
+            # The long sweep comes from the same simulated device and noise as the sweep.
+            settings = json.loads((precise_dir / "logs" / "run.json").read_text())["settings"]
             long_dir = Path(tmp) / "long"
             write_precise_sweep(
                 long_dir,
                 samples_per_config=PRECISE_LONG_SAMPLES,
                 datasets=[PRECISE_LONG_DATASET],
                 output_tokens=PRECISE_LONG_TOKENS,
+                device=settings["device"],
+                noise=settings["noise"],
             )
             report_long_answers(precise_dir, long_dir, seeds, model_params)
 

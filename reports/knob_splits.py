@@ -26,7 +26,7 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
-from toolkit.metrics import score_frame
+from toolkit.metrics import coverage, score_frame
 from toolkit.training import KNOB_SPLITS, knob_split, split_samples, train_on_frames
 
 SPLITS: Final[tuple[str, ...]] = ("sample", *KNOB_SPLITS)
@@ -94,7 +94,7 @@ def score_held_out(model: Any, samples: pl.DataFrame) -> HeldOutScore:
     pred = model.predict_frame(samples)
     scores = score_frame(samples, pred)
     total = (samples["T_prefill_total"] + samples["T_LLM_decode"]).to_numpy().astype(np.float64)
-    covered = total <= pred["total_p95_ms"]
+    bound = np.asarray(pred["total_p95_ms"], dtype=np.float64)
     mostly_decode = samples["T_LLM_decode"].to_numpy() >= MOSTLY_DECODE * total
     return HeldOutScore(
         n=samples.height,
@@ -104,13 +104,9 @@ def score_held_out(model: Any, samples: pl.DataFrame) -> HeldOutScore:
         decode_total_bias=scores["bias"]["decode_total"],
         coverage={name: scores["coverage"][name] for name in BOUND_NAMES},
         total_p95_width=float(np.median(pred["total_p95_ms"] / total)),
-        total_p95_covers_mostly_prefill=_share(covered[~mostly_decode]),
-        total_p95_covers_mostly_decode=_share(covered[mostly_decode]),
+        total_p95_covers_mostly_prefill=coverage(total[~mostly_decode], bound[~mostly_decode]),
+        total_p95_covers_mostly_decode=coverage(total[mostly_decode], bound[mostly_decode]),
     )
-
-
-def _share(flags: np.ndarray) -> float:
-    return float(flags.mean()) if flags.size else math.nan
 
 
 def score_split(

@@ -138,9 +138,10 @@ def test_pass_time_is_linear_in_the_kv_length() -> None:
     torch.testing.assert_close(later, passes[:, 100:], rtol=1e-5, atol=1e-5)
 
 
-def _prior_samples(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, mean pass time, passes) of a decoder whose pass costs 0.5 + b (0.3 + 0.05 k)
-    plus (0.02 + 0.01 b) per KV_UNIT tokens, with one-sided (slow-only) noise on a quarter."""
+def _prior_samples(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features, mean pass time, mean KV length in KV_UNITs, passes) of a decoder whose pass
+    costs 0.5 + b (0.3 + 0.05 k) plus (0.02 + 0.01 b) per KV_UNIT tokens, with one-sided
+    (slow-only) noise on a quarter."""
     rng = np.random.default_rng(seed)
     top_k = rng.choice([4.0, 6.0, 8.0], n)
     blocks = rng.choice([8.0, 12.0, 16.0], n)
@@ -152,17 +153,17 @@ def _prior_samples(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     slow = rng.random(n) < 0.25
     mean_pass = mean_pass * np.where(slow, 1.0 + rng.uniform(0.1, 0.6, n), 1.0)
     features = np.stack([vision, text, np.zeros(n), top_k, blocks], axis=1)
-    return features, mean_pass, passes
+    return features, mean_pass, kv, passes
 
 
 def test_physics_prior_recovers_the_pass_cost_and_ignores_slow_outliers() -> None:
     """set_prior fits a0 + b (a1 + a2 k) and c0 + c1 b to the median pass, non-negative, and
     the untrained network then predicts the prior itself (its factors start at 1)."""
-    features, mean_pass, passes = _prior_samples(400, 0)
+    features, mean_pass, kv, passes = _prior_samples(400, 0)
     net = DecodeNet()
     net.set_normalisation(features, pass_scale_ms=1.0)
     assert net.prior.tolist() == list(IDENTITY_PRIOR)
-    assert net.set_prior(features, mean_pass, passes)
+    assert net.set_prior(features, mean_pass, kv, passes)
     fitted = net.prior_ms()
     assert list(fitted) == list(PRIOR_TERMS) and min(fitted.values()) >= 0
     # The constant-per-pass terms carry the cost; a quarter of slow samples do not move them.
@@ -174,7 +175,7 @@ def test_physics_prior_recovers_the_pass_cost_and_ignores_slow_outliers() -> Non
     assert float(coef[0]) == pytest.approx(0.5 + 24 * (0.3 + 0.05 * 12), rel=0.03)
     # Too few samples to pin five weights: the identity prior stays.
     small = DecodeNet()
-    assert not small.set_prior(features[:10], mean_pass[:10], passes[:10])
+    assert not small.set_prior(features[:10], mean_pass[:10], kv[:10], passes[:10])
     assert small.prior.tolist() == list(IDENTITY_PRIOR)
 
 

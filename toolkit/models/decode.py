@@ -238,10 +238,16 @@ class DecodeNet(nn.Module):
 
     @torch.jit.unused
     def set_prior(
-        self, features: np.ndarray, mean_pass: np.ndarray, passes: np.ndarray, seed: int = 0
+        self,
+        features: np.ndarray,
+        mean_pass: np.ndarray,
+        kv_units: np.ndarray,
+        passes: np.ndarray,
+        seed: int = 0,
     ) -> bool:
         """Fit the physics prior (module doc) to each sample's mean pass time (in units of
-        ``coef_scale``) and start the network's factors at 1.
+        ``coef_scale``; ``kv_units``: its mean KV length over its passes, in KV_UNITs, as
+        ``warm_start`` takes it) and start the network's factors at 1.
 
         Least absolute deviations with non-negative weights, each sample weighted by its
         passes: the median pass, as the decode loss aims at (CPU noise is one-sided), and the
@@ -256,16 +262,16 @@ class DecodeNet(nn.Module):
 
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(mean_pass, dtype=np.float64)
+        kv = np.asarray(kv_units, dtype=np.float64)
         w = np.asarray(passes, dtype=np.float64)
         ok = np.isfinite(y) & (y > 0) & (w > 0)
-        x, y, w = x[ok], y[ok], w[ok]
+        x, y, kv, w = x[ok], y[ok], kv[ok], w[ok]
         if y.size > _PRIOR_MAX_SAMPLES:
             keep = np.random.default_rng(seed).choice(y.size, _PRIOR_MAX_SAMPLES, replace=False)
-            x, y, w = x[keep], y[keep], w[keep]
+            x, y, kv, w = x[keep], y[keep], kv[keep], w[keep]
         if y.size < 4 * len(PRIOR_TERMS):
             return False
         b, k = x[:, BLOCKS_COLUMN], x[:, TOP_K_COLUMN]
-        kv = (x[:, PROMPT_COLUMNS[0]] + x[:, PROMPT_COLUMNS[1]] + 0.5 * (w + 1.0)) / KV_UNIT
         design = np.stack([np.ones_like(b), b, b * k, kv, kv * b], axis=1)
         n, p = design.shape
         # min sum w (u + v)  s.t.  design theta + u - v = y;  theta, u, v >= 0

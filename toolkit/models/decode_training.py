@@ -269,11 +269,16 @@ def fit_decode_net(
         if train.n == 0:
             log.warning("No sample has a decode pass: the decode net stays at its prior.")
             return net.eval(), history
-        passes = train.packed[:, _NP]
-        if not net.set_prior(
-            train.features.numpy(), train.mean_pass().numpy(), passes.numpy(), settings.seed
-        ):
-            net.warm_start(train.features, train.mean_pass(), train.mean_kv_units())
+        mean_pass, kv_units = train.mean_pass(), train.mean_kv_units()
+        prior_set = net.set_prior(
+            train.features.numpy(),
+            mean_pass.numpy(),
+            kv_units.numpy(),
+            train.packed[:, _NP].numpy(),
+            settings.seed,
+        )
+        if not prior_set:
+            net.warm_start(train.features, mean_pass, kv_units)
         net.to(device)
         data = train.packed.to(device)
         val_data = val.packed.to(device) if val is not None and val.n else None
