@@ -359,9 +359,9 @@ def prefill_alone(
             providers=["CPUExecutionProvider"],
         ),
     }
-    # Each against what it computes: the table is the model's residual factor (knob
-    # interpolation and monotone floor included); one TreeEnsemble node holds the raw trees,
-    # exp(margin), and cannot hold the table's interpolation between profiled knob values.
+    # Each against what it computes: the table is the model's residual factor (the trees'
+    # largest monotone minorant, interpolated between profiled knob values:
+    # toolkit.models.prefill_table); one TreeEnsemble node holds the raw trees, exp(margin).
     booster = model.prefill.booster
     want = {
         "trees as table (ordinary ops)": model.prefill.residual_factor(xb),
@@ -389,9 +389,9 @@ def prefill_alone(
     raw_vs_table = want["trees as TreeEnsembleRegressor"] / want["trees as table (ordinary ops)"]
     print(
         "  (the raw trees differ from the model's table by up to "
-        f"{float(np.max(np.abs(raw_vs_table - 1.0))):.1e} relative: the table's interpolation "
-        "between profiled knob values and its monotone floor, which a TreeEnsemble node cannot "
-        "express)"
+        f"{float(np.max(np.abs(raw_vs_table - 1.0))):.1e} relative: the table's monotone "
+        "minorant and interpolation between profiled knob values, which a TreeEnsemble node "
+        "cannot express)"
     )
 
 

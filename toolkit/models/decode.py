@@ -148,8 +148,8 @@ def decode_pass_ms(coef: Tensor, k: Tensor, prompt: Tensor) -> Tensor:
 #: growth over the KV cache (5 % per KV_UNIT tokens), so both terms get gradient.
 _INIT_FRACTION: Final[tuple[float, ...]] = (1.0, 0.05)
 #: Samples the physics prior is fitted on at most (see DecodeNet.set_prior): plenty for five
-#: weights; the linear program takes ~0.1 s at 2,000 samples and grows faster than linearly
-#: (6 s at 20,000).
+#: weights; the linear program then takes ~0.5 s (``benchmarks/train_speed.py`` prints it),
+#: and its time grows faster than the number of samples.
 _PRIOR_MAX_SAMPLES: Final[int] = 4_000
 
 

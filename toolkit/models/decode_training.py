@@ -119,6 +119,10 @@ class DecodeData:
     def features(self) -> torch.Tensor:
         return self.packed[:, :_F]
 
+    def passes(self) -> torch.Tensor:
+        """Each sample's number of decode passes."""
+        return self.packed[:, _NP]
+
     def mean_pass(self) -> torch.Tensor:
         """Each sample's mean pass time in units of the scale."""
         return self.packed[:, _TOT] / self.packed[:, _NP].clamp(min=1.0)
@@ -274,7 +278,7 @@ def fit_decode_net(
             train.features.numpy(),
             mean_pass.numpy(),
             kv_units.numpy(),
-            train.packed[:, _NP].numpy(),
+            train.passes().numpy(),
             settings.seed,
         )
         if not prior_set:
