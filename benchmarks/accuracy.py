@@ -69,6 +69,7 @@ from toolkit.data import load_results
 from toolkit.demo import BUNDLED, LONG_ANSWERS, bundled_data_dir
 from toolkit.features import feature_matrix
 from toolkit.metrics import bias_share, regression_metrics
+from toolkit.models.hybrid import predicted_passes
 from toolkit.models.physics import PhysicsBaseline
 from toolkit.recalibrate import recalibration_curve
 from toolkit.training import split_samples, train_model
@@ -462,13 +463,15 @@ def long_answer_scores(
 
 def _long_answer_bounds(model: Any, samples: pl.DataFrame) -> dict[str, float]:
     """Why the long answers' bounds cover what they cover: the median width of
-    ``total_p95_ms`` (bound / actual total), the total's P95 factors (prefill, decode) and
+    ``total_p95_ms`` (bound / actual total), the total's P95 factors (prefill, decode, mean
+    pass), the decode's width that gives at the long answers' median pass count, and
     percentiles of actual / predicted decode."""
     predicted = model.predict_frame(samples)
     decode = samples["T_LLM_decode"].to_numpy()
     total = decode + samples["T_prefill_total"].to_numpy()
     ratio = decode / predicted["decode_total_ms"]
-    prefill_factor, decode_factor = model.bounds.total["p95"]
+    prefill_factor, decode_factor, pass_factor = model.bounds.total["p95"]
+    passes = np.median(predicted_passes(samples["output_tokens"].to_numpy()))
     p5, p50, p95 = np.percentile(ratio, [5, 50, 95])
     # The prefill does not depend on the answer's length: its scatter on the long sweep is
     # the machine's state during that sweep.
@@ -481,6 +484,8 @@ def _long_answer_bounds(model: Any, samples: pl.DataFrame) -> dict[str, float]:
         "p95_prefill_factor": prefill_factor,
         "prefill_bound_p95_factor": model.bounds.prefill["p95"],
         "p95_decode_factor": decode_factor,
+        "p95_pass_factor": pass_factor,
+        "p95_decode_width": decode_factor + pass_factor / passes,
         "decode_ratio_p5": float(p5),
         "decode_ratio_p50": float(p50),
         "decode_ratio_p95": float(p95),
@@ -525,7 +530,9 @@ def report_long_answers(
     print(
         f"  total_p95_ms on long answers: median {mean['p95_width']:.2f}x the actual total; "
         f"the total's P95 factors prefill {mean['p95_prefill_factor']:.2f}, decode "
-        f"{mean['p95_decode_factor']:.2f}; actual / predicted decode: 5th / 50th / 95th "
+        f"{mean['p95_decode_factor']:.3f} + mean pass x {mean['p95_pass_factor']:.2f} (decode "
+        f"width {mean['p95_decode_width']:.3f}x at the median answer's passes); actual / "
+        f"predicted decode: 5th / 50th / 95th "
         f"percentile {mean['decode_ratio_p5']:.2f} / {mean['decode_ratio_p50']:.2f} / "
         f"{mean['decode_ratio_p95']:.2f} (means over seeds)"
     )

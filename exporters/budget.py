@@ -6,8 +6,8 @@ total fits the budget (0 where the prefill alone does not fit), once per bound:
 
 - ``max_output_tokens``: ``total_ms(N) = prefill_ms + decode_total_ms(N) <= budget``;
 - ``max_output_tokens_p90`` / ``_p95``: the calibrated total bound
-  ``total_pXX_ms(N) = max(prefill_ms x f_p + decode_total_ms(N) x f_d, prefill_pXX_ms)
-  <= budget``
+  ``total_pXX_ms(N) = max(prefill_ms x f_p + decode_total_ms(N) x f_d + decode_per_token_ms(N)
+  x f_g, prefill_pXX_ms) <= budget``
   (``toolkit.models.bounds``; an unbounded level, factor +inf, fits nothing: 0),
 
 as float32 [B]. The rule is ``toolkit.controller.max_output_tokens`` with ``bound`` mean /
@@ -57,8 +57,9 @@ class BudgetPredictor(torch.nn.Module):
         rows = features.shape[0]
         # The three bounds searched together as one batch of 3B rows: the same prefill and
         # decode coefficients (each bisection step costs one closed-form total). Bound:
-        # max(P f_p + D(N) f_d, P f) with (f_p, f_d, f) = (1, 1, 0) for the mean, the
-        # calibrated factors for p90 and p95.
+        # max(P f_p + D(N) f_d + pass(N) f_g, P f) with (f_p, f_d, f_g, f) = (1, 1, 0, 0) for
+        # the mean, the calibrated factors for p90 and p95 (non-decreasing in N: D and the
+        # mean pass both grow with N).
         prefill = self.predictor.prefill(weighted).repeat(3)
         coef = self.predictor.decode.coefficients(first, inputs).repeat(3, 1)
         prompt = (features[:, 0] + features[:, 1]).repeat(3)
@@ -66,6 +67,7 @@ class BudgetPredictor(torch.nn.Module):
         ones = torch.ones_like(budget_ms).unsqueeze(0)
         prefill_factor = (self.predictor.total_prefill_factors.unsqueeze(1) * ones).reshape(-1)
         decode_factor = (self.predictor.total_decode_factors.unsqueeze(1) * ones).reshape(-1)
+        pass_factor = (self.predictor.total_pass_factors.unsqueeze(1) * ones).reshape(-1)
         # The floor P f does not depend on N: it fits or not for the whole search.
         floor_fits = prefill * (self.predictor.floor_factors.unsqueeze(1) * ones).reshape(-1)
         floor_fits = floor_fits <= budget
@@ -74,8 +76,9 @@ class BudgetPredictor(torch.nn.Module):
         high = torch.full_like(budget, 4097.0)  # never feasible
         for _ in range(12):
             middle = torch.floor((low + high) * 0.5)
-            decode_total, _ = self.predictor.decode.totals(coef, middle, prompt)
-            fits = prefill * prefill_factor + decode_total * decode_factor <= budget
+            decode_total, mean_pass = self.predictor.decode.totals(coef, middle, prompt)
+            bound = prefill * prefill_factor + decode_total * decode_factor
+            fits = bound + mean_pass * pass_factor <= budget
             low = torch.where(fits, middle, low)
             high = torch.where(fits, high, middle)
         # At N = 1 there is no decode pass: the total is the prefill.

@@ -133,7 +133,7 @@ def output_spec(model: HybridLatencyModel) -> OutputSpec:
         prefill_scale=float(calibration.prefill_scale),
         prefill_offset_ms=float(calibration.prefill_offset_ms),
         prefill_bounds={k: float(v) for k, v in bounds.prefill.items()},
-        total_bounds={k: (float(p), float(d)) for k, (p, d) in bounds.total.items()},
+        total_bounds={k: (float(p), float(d), float(g)) for k, (p, d, g) in bounds.total.items()},
     )
 
 
@@ -220,8 +220,8 @@ def predictor_metadata(
         "bound_factors": {
             "prefill": {k: _json_factor(v) for k, v in bounds.prefill.items()},
             "total": {
-                k: {"prefill": _json_factor(p), "decode": _json_factor(d)}
-                for k, (p, d) in bounds.total.items()
+                k: {"prefill": _json_factor(p), "decode": _json_factor(d), "pass": _json_factor(g)}
+                for k, (p, d, g) in bounds.total.items()
             },
         },
         # The threshold test and row index are exact float32 matmuls; TF32 breaks them.

@@ -593,9 +593,10 @@ class OutputSpec:
     """How the outputs derive from baseline x residual factor and the decode terms.
 
     ``prefill_ms = prefill_scale * max(floor, baseline * residual) + prefill_offset_ms``;
-    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``; with ``(f_p, f_d) =
-    total_bounds[pXX]``, ``total_pXX_ms = max(prefill_ms * f_p + decode_total_ms * f_d,
-    prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be +inf: that bound is +inf).
+    ``prefill_pXX_ms = prefill_ms * prefill_bounds[pXX]``; with ``(f_p, f_d, f_g) =
+    total_bounds[pXX]``, ``total_pXX_ms = max(prefill_ms * f_p + decode_total_ms * f_d +
+    decode_per_token_ms * f_g, prefill_pXX_ms)`` (``toolkit.models.bounds``; a factor may be
+    +inf: that bound is +inf).
     """
 
     form: np.ndarray  # PhysicsBaseline.product_form(), float64 [F + 1, 3, 3]
@@ -604,15 +605,18 @@ class OutputSpec:
     prefill_bounds: dict[str, float] = field(
         default_factory=lambda: {"p50": 1.0, "p90": 1.0, "p95": 1.0}
     )
-    total_bounds: dict[str, tuple[float, float]] = field(
-        default_factory=lambda: {"p90": (1.0, 1.0), "p95": (1.0, 1.0)}
+    total_bounds: dict[str, tuple[float, float, float]] = field(
+        default_factory=lambda: {"p90": (1.0, 1.0, 0.0), "p95": (1.0, 1.0, 0.0)}
     )
 
     def __post_init__(self) -> None:
         factors = [*self.prefill_bounds.values()]
-        factors += [f for pair in self.total_bounds.values() for f in pair]
+        factors += [f for triple in self.total_bounds.values() for f in triple[:2]]
+        per_pass = [triple[2] for triple in self.total_bounds.values()]
         if not all(f > 0 for f in factors) or any(math.isnan(f) for f in factors):
             raise LatkitError(f"bound factors must be positive (or +inf), got {factors}")
+        if not all(f >= 0 for f in per_pass):  # NaN fails too
+            raise LatkitError(f"per-pass bound factors must be >= 0 (or +inf), got {per_pass}")
         if not (self.prefill_scale > 0 and math.isfinite(self.prefill_offset_ms)):
             raise LatkitError("prefill calibration must have a positive scale, finite offset")
 
@@ -646,26 +650,31 @@ def output_gemm(
 
     scale, offset = spec.prefill_scale, spec.prefill_offset_ms
     decode_w = np.concatenate([np.zeros(groups + 1), decode_weights])
+    pass_w = np.concatenate([np.zeros(groups + 1), per_pass])
     # The prefill through the products (A) and through the floor (F).
     prefill = [(column(products=scale), offset), (column(floor=scale), offset)]
     unbounded = [(np.zeros(width), math.inf)]  # an unbounded level: the constant +inf
     rows: dict[str, list[tuple[np.ndarray, float]]] = {
         "prefill_ms": prefill,
         "decode_total_ms": [(decode_w, 0.0)],
-        "decode_per_token_ms": [(np.concatenate([np.zeros(groups + 1), per_pass]), 0.0)],
+        "decode_per_token_ms": [(pass_w, 0.0)],
         "total_ms": [(w + decode_w, b) for w, b in prefill],
     }
     for level, factor in spec.prefill_bounds.items():
         rows[f"prefill_{level}_ms"] = (
             unbounded if math.isinf(factor) else [(w * factor, b * factor) for w, b in prefill]
         )
-    for level, (prefill_factor, decode_factor) in spec.total_bounds.items():
+    for level, (prefill_factor, decode_factor, pass_factor) in spec.total_bounds.items():
         floor = rows[f"prefill_{level}_ms"]
         rows[f"total_{level}_ms"] = (
             unbounded
-            if math.isinf(prefill_factor) or math.isinf(decode_factor) or math.isinf(floor[0][1])
+            if any(math.isinf(f) for f in (prefill_factor, decode_factor, pass_factor))
+            or math.isinf(floor[0][1])
             else [
-                (w * prefill_factor + decode_w * decode_factor, b * prefill_factor)
+                (
+                    w * prefill_factor + decode_w * decode_factor + pass_w * pass_factor,
+                    b * prefill_factor,
+                )
                 for w, b in prefill
             ]
             + floor
@@ -699,6 +708,7 @@ class FusedPredictor(torch.nn.Module):
         prefill_offset: Tensor
         total_prefill_factors: Tensor
         total_decode_factors: Tensor
+        total_pass_factors: Tensor
         floor_factors: Tensor
         decode: GenericDecode | FoldedDecode
 
@@ -742,18 +752,20 @@ class FusedPredictor(torch.nn.Module):
         self.register_buffer("out_bias", torch.from_numpy(bias))  # [36, 1]
         # For the budget graph: the prefill rows through the products and through the floor
         # ([n + 1, 2], max of the two); per searched bound (mean, p90, p95) the total's
-        # factors (f_p, f_d) and the prefill bound's factor f (total bound:
-        # max(P f_p + D f_d, P f); the mean's floor 0 never binds a budget >= 0).
+        # factors (f_p, f_d, f_g) and the prefill bound's factor f (total bound: max(P f_p +
+        # D f_d + mean pass f_g, P f); the mean's floor 0 never binds a budget >= 0).
         prefill_rows = weight[[0, len(GEMM_ROWS)], : layer.n_products + 1].T.copy()
         self.register_buffer("prefill_weight", torch.from_numpy(prefill_rows))
         self.register_buffer("prefill_offset", torch.tensor(float(bias[0, 0])))
         levels = ("p90", "p95")
         prefill_factors = [1.0, *(spec.total_bounds[k][0] for k in levels)]
         decode_factors = [1.0, *(spec.total_bounds[k][1] for k in levels)]
+        pass_factors = [0.0, *(spec.total_bounds[k][2] for k in levels)]
         floor_factors = [0.0, *(spec.prefill_bounds[k] for k in levels)]
         for name, values in (
             ("total_prefill_factors", prefill_factors),
             ("total_decode_factors", decode_factors),
+            ("total_pass_factors", pass_factors),
             ("floor_factors", floor_factors),
         ):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32))

@@ -639,12 +639,12 @@ def test_recalibrated_model_exports_with_its_calibration(trained, tmp_path: Path
     """A model moved to another machine (``with_calibration``): prefill and every decode pass
     mapped affinely, bounds recalibrated. The export carries all of it into the graph."""
     model, _ = trained
-    # Total factors below the prefill's: total_pXX = max(prefill f_p + decode f_d,
-    # prefill_pXX) takes the prefill bound for short answers and the total's for long ones;
-    # both are exercised, with a decode factor unlike the prefill's.
+    # Total factors below the prefill's: total_pXX = max(prefill f_p + decode f_d + mean
+    # pass f_g, prefill_pXX) takes the prefill bound for short answers and the total's for long
+    # ones; both are exercised, with a decode factor unlike the prefill's and a per-pass term.
     bounds = ConformalBounds(
         prefill={"p50": 0.97, "p90": 1.3, "p95": 1.5},
-        total={"p90": (1.1, 1.15), "p95": (1.2, 1.35)},
+        total={"p90": (1.1, 1.15, 0.4), "p95": (1.2, 1.35, 0.7)},
     )
     calibrated = model.with_calibration(Calibration(1.3, 2.0, 0.8, 0.25, "affine", 10), bounds)
     result = export_model(calibrated, tmp_path, formats=["torchscript", "onnx"])
@@ -663,6 +663,7 @@ def test_recalibrated_model_exports_with_its_calibration(trained, tmp_path: Path
     assert floor.any() and not floor.all()
     np.testing.assert_allclose(got["total_p95_ms"][floor], want["prefill_ms"][floor] * 1.5, 1e-5)
     bound = want["prefill_ms"] * 1.2 + want["decode_total_ms"] * 1.35
+    bound += want["decode_per_token_ms"] * 0.7
     np.testing.assert_allclose(got["total_p95_ms"][~floor], bound[~floor], 1e-5)
 
 
@@ -684,7 +685,8 @@ def test_unbounded_levels_stay_infinite_in_both_formats(trained, tmp_path: Path)
     model, _ = trained
     inf = float("inf")
     bounds = ConformalBounds(
-        prefill={"p50": 0.98, "p90": 1.1, "p95": inf}, total={"p90": (1.2, 1.3), "p95": (inf, inf)}
+        prefill={"p50": 0.98, "p90": 1.1, "p95": inf},
+        total={"p90": (1.2, 1.3, 0.2), "p95": (inf, inf, inf)},
     )
     calibrated = model.with_calibration(Calibration(1.1, -0.5, 1.2, 0.1, "affine", 5), bounds)
     result = export_model(calibrated, tmp_path)

@@ -28,7 +28,7 @@ from toolkit.errors import LatkitError
 from toolkit.metrics import score_frame
 from toolkit.models.bounds import ConformalBounds
 from toolkit.models.calibration import Calibration
-from toolkit.models.hybrid import HybridLatencyModel
+from toolkit.models.hybrid import HybridLatencyModel, predicted_passes
 
 log = logging.getLogger("latkit.recalibrate")
 
@@ -205,20 +205,18 @@ def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> 
         return ConformalBounds()
     source = model.uncalibrated().predict_frame(calibration)
     targets = _Targets.of(calibration)
-    # Passes of the prediction: N output tokens give N - 1 (as HybridLatencyModel.predict).
-    predicted_passes = np.clip(
-        calibration["output_tokens"].to_numpy().astype(np.float64) - 1, 0, None
-    )
+    passes = predicted_passes(calibration["output_tokens"].to_numpy())
     (prefill_scale, prefill_offset), (decode_scale, decode_offset) = _affine_maps(
         source, targets, leave_one_out=True
     )
     prefill_pred = prefill_scale * source["prefill_ms"] + prefill_offset
-    decode_pred = decode_scale * source["decode_total_ms"] + decode_offset * predicted_passes
+    decode_pred = decode_scale * source["decode_total_ms"] + decode_offset * passes
     return ConformalBounds.fit(
         targets.prefill_ms,
         prefill_pred,
         targets.decode_total_ms,
         decode_pred,
+        passes,
         source="recalibration (leave-one-out)",
     )
 
@@ -226,8 +224,8 @@ def recalibrate_bounds(model: HybridLatencyModel, calibration: pl.DataFrame) -> 
 def _total_factors(bounds: ConformalBounds, level: str) -> str:
     if bounds.is_unbounded(level):
         return "unbounded (P95 needs >= 19 samples)" if level == "p95" else "unbounded"
-    prefill, decode = bounds.total[level]
-    return f"prefill x {prefill:.3f} + decode x {decode:.3f}"
+    prefill, decode, per_pass = bounds.total[level]
+    return f"prefill x {prefill:.3f} + decode x {decode:.3f} + mean pass x {per_pass:.3f}"
 
 
 def recalibrate(

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.features import FEATURE_NAMES
+from toolkit.models.quantile_fit import nonnegative_quantile_fit
 
 #: Number of basis functions of the pass index.
 N_BASIS: Final[int] = 2
@@ -147,10 +148,6 @@ def decode_pass_ms(coef: Tensor, k: Tensor, prompt: Tensor) -> Tensor:
 #: Initial coefficients as a fraction of the typical pass time: a constant pass with a little
 #: growth over the KV cache (5 % per KV_UNIT tokens), so both terms get gradient.
 _INIT_FRACTION: Final[tuple[float, ...]] = (1.0, 0.05)
-#: Samples the physics prior is fitted on at most (see DecodeNet.set_prior): plenty for five
-#: weights; the linear program then takes ~0.5 s (``benchmarks/train_speed.py`` prints it),
-#: and its time grows faster than the number of samples.
-_PRIOR_MAX_SAMPLES: Final[int] = 4_000
 
 
 def _inverse_softplus(y: float) -> float:
@@ -253,35 +250,23 @@ class DecodeNet(nn.Module):
         passes: the median pass, as the decode loss aims at (CPU noise is one-sided), and the
         terms a decoder has (weights read per block and per expert, attention over the KV
         cache per block) with signs it cannot flip. Five weights need no more than
-        ``_PRIOR_MAX_SAMPLES`` samples (a seeded draw above that). Returns whether the prior
+        ``quantile_fit.MAX_SAMPLES`` samples (a seeded draw above that). Returns whether the prior
         was set (False: too few samples or a term the data does not support; the identity
         prior stays).
         """
-        from scipy import sparse
-        from scipy.optimize import linprog
-
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(mean_pass, dtype=np.float64)
         kv = np.asarray(kv_units, dtype=np.float64)
         w = np.asarray(passes, dtype=np.float64)
         ok = np.isfinite(y) & (y > 0) & (w > 0)
         x, y, kv, w = x[ok], y[ok], kv[ok], w[ok]
-        if y.size > _PRIOR_MAX_SAMPLES:
-            keep = np.random.default_rng(seed).choice(y.size, _PRIOR_MAX_SAMPLES, replace=False)
-            x, y, kv, w = x[keep], y[keep], kv[keep], w[keep]
         if y.size < 4 * len(PRIOR_TERMS):
             return False
         b, k = x[:, BLOCKS_COLUMN], x[:, TOP_K_COLUMN]
         design = np.stack([np.ones_like(b), b, b * k, kv, kv * b], axis=1)
-        n, p = design.shape
-        # min sum w (u + v)  s.t.  design theta + u - v = y;  theta, u, v >= 0
-        cost = np.concatenate([np.zeros(p), w, w]) / w.sum()
-        identity = sparse.identity(n, format="csr")
-        equality = sparse.hstack([sparse.csr_matrix(design), identity, -identity], format="csr")
-        fit = linprog(cost, A_eq=equality, b_eq=y, bounds=(0, None), method="highs")
-        if not fit.success:
+        theta = nonnegative_quantile_fit(design, y, 0.5, weights=w, seed=seed)
+        if theta is None:
             return False
-        theta = fit.x[:p]
         if theta[0] + theta[1] + theta[2] <= 0 or theta[3] + theta[4] <= 0:
             return False  # no constant or no slope at all: the identity prior stays
         with torch.no_grad():

@@ -126,15 +126,23 @@ def _num_total_blocks(samples: pl.DataFrame) -> int | None:
     return int(value) if isinstance(value, int | float) else None
 
 
+def predicted_passes(output_tokens: np.ndarray) -> np.ndarray:
+    """Decode passes of a prediction, float64: N output tokens take N - 1 (the first comes
+    with the prefill)."""
+    return np.clip(np.asarray(output_tokens, dtype=np.float64) - 1.0, 0.0, None)
+
+
 def _stage_pairs(
     samples: pl.DataFrame, pred: dict[str, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(prefill actual, prefill predicted, decode actual, decode predicted) of a frame."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(prefill actual, prefill predicted, decode actual, decode predicted, decode passes of
+    the prediction) of a frame."""
     return (
         samples["T_prefill_total"].to_numpy().astype(np.float64),
         pred["prefill_ms"],
         samples["T_LLM_decode"].to_numpy().astype(np.float64),
         pred["decode_total_ms"],
+        predicted_passes(samples["output_tokens"].to_numpy()),
     )
 
 
@@ -384,7 +392,7 @@ class HybridLatencyModel:
             total, _ = decode_outputs(
                 self.decode_net(x_tensor), torch.from_numpy(tokens), prompt_tokens(x_tensor)
             )
-        passes = np.clip(tokens.astype(np.float64) - 1.0, 0.0, None)
+        passes = predicted_passes(tokens)
         decode_total = cal.decode_total(total.numpy().astype(np.float64), passes)
         per_token = np.where(passes > 0, decode_total / np.maximum(passes, 1.0), 0.0)
         total = prefill + decode_total
@@ -394,7 +402,7 @@ class HybridLatencyModel:
             "decode_per_token_ms": per_token,
             "total_ms": total,
         }
-        out.update(self.bounds.apply(prefill, decode_total))
+        out.update(self.bounds.apply(prefill, decode_total, per_token))
         return {name: out[name] for name in OUTPUT_NAMES}
 
     def supported_ranges(self) -> dict[str, tuple[float, float]]:
