@@ -293,22 +293,16 @@ def _decode_shapes(
     None where too few samples certify the level (as the conformal quantile says)."""
     log_ratio = np.log(decode_true / decode_pred)
     quantiles = conformal_log_quantiles(log_ratio, TOTAL_LEVELS)
+    with_passes = passes >= 1
+    m, excess = passes[with_passes], np.expm1(log_ratio[with_passes])
+    fits_over_passes = np.unique(m).size >= _MIN_PASS_COUNTS
     shapes: dict[str, tuple[float, float] | None] = {}
     floor = (0.0, 0.0)  # each level's shape at least the lower one's: bounds never cross
     for name, level in TOTAL_LEVELS.items():
         if math.isinf(quantiles[name]):
             shapes[name] = None
             continue
-        with_passes = passes >= 1
-        fit = (
-            _width_over_passes(
-                passes[with_passes],
-                decode_true[with_passes] / decode_pred[with_passes] - 1.0,
-                level,
-            )
-            if np.unique(passes[with_passes]).size >= _MIN_PASS_COUNTS
-            else None
-        )
+        fit = _width_over_passes(m, excess, level) if fits_over_passes else None
         if fit is None:  # one factor, as without passes: the level's quantile of the ratio
             alpha, g = math.expm1(max(quantiles[name], _MIN_LOG_FACTOR)), 0.0
         else:
